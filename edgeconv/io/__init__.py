@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints without holding a whole model in memory."""

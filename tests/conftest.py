@@ -1,0 +1,31 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def uniform_checkpoints(tmp_path_factory):
+    """arch -> checkpoint dir of a tiny MoE with zeroed routers and top_k = E (uniform routing)."""
+    root = tmp_path_factory.mktemp("uniform")
+    return {a: tiny.save(tiny.build_model(a, top_k=tiny.E, uniform_router=True), root / a) for a in tiny.ARCHS}
+
+
+@pytest.fixture(scope="session")
+def random_checkpoints(tmp_path_factory):
+    """arch -> (model, checkpoint dir) of a tiny MoE with a random router and top-2 routing."""
+    root = tmp_path_factory.mktemp("random")
+    out = {}
+    for a in tiny.ARCHS:
+        model = tiny.build_model(a, top_k=2, seed=1)
+        out[a] = (model, tiny.save(model, root / a))
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(random_checkpoints):
+    return random_checkpoints["Qwen3MoeForCausalLM"][1]

@@ -26,6 +26,14 @@ def parse_size(text: str) -> int:
         raise EdgeconvError(f"size {text!r} is not understood", "use a byte count or e.g. 500MB, 2GB")
 
 
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return f"{n:,.2f} TB"
+
+
 class EdgeconvGroup(click.Group):
     """Turns EdgeconvError into one line on stderr and exit status 2, wherever it is raised."""
 
@@ -76,7 +84,7 @@ def inspect(model, as_json):
         ("active params / token", f"{info.active_params / 1e6:,.2f} M"),
         ("default dense FFN width", f"{info.default_dense_width} (top-{info.top_k} experts kept per layer)"),
         ("default dense params", f"{info.default_dense_params / 1e6:,.2f} M"),
-        ("checkpoint size", f"{info.checkpoint_bytes / 1e9:,.3f} GB"),
+        ("checkpoint size", human_bytes(info.checkpoint_bytes)),
     ]
     for k, v in rows:
         table.add_row(k, v)

@@ -46,7 +46,7 @@ def tiny_config(arch: str, top_k: int = 2):
                                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, head_dim=4,
                                    routed_scaling_factor=2.0, topk_method="greedy", n_group=1, topk_group=1)
     if arch == "GptOssForCausalLM":
-        return tf.GptOssConfig(**COMMON, head_dim=8, intermediate_size=16, num_local_experts=E,
+        return tf.GptOssConfig(**COMMON, head_dim=8, intermediate_size=32, num_local_experts=E,
                                num_experts_per_tok=top_k, sliding_window=8,
                                layer_types=["sliding_attention", "full_attention"])
     raise KeyError(arch)
@@ -62,9 +62,11 @@ ARCHS = [
 ]
 
 
-def build_model(arch: str, top_k: int = 2, uniform_router: bool = False, seed: int = 0):
+def build_model(arch: str, top_k: int = 2, uniform_router: bool = False, seed: int = 0, **overrides):
     """A random model; with `uniform_router` every router (and Qwen2's shared-expert gate) is zeroed."""
     config = tiny_config(arch, top_k)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()

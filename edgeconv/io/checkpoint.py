@@ -36,13 +36,16 @@ def resolve_model_path(model: str | Path) -> Path:
     if path.exists():
         if not path.is_dir():
             raise EdgeconvError(f"{path} is a file, not a checkpoint directory", "pass the directory holding config.json")
-        return path
+        return path.absolute()
     if HUB_ID.match(str(model)) and not str(model).startswith((".", "/")):
         try:
             from huggingface_hub import snapshot_download
 
             patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-            return Path(snapshot_download(str(model), allow_patterns=patterns))
+            try:  # a model already in the local HF cache needs no network
+                return Path(snapshot_download(str(model), allow_patterns=patterns, local_files_only=True))
+            except Exception:
+                return Path(snapshot_download(str(model), allow_patterns=patterns))
         except Exception as exc:  # network, auth, missing repo: all end the same way for the user
             raise EdgeconvError(
                 f"model {model!r} is not a local directory and could not be fetched from the hub "

@@ -30,8 +30,11 @@ def read_manifest(directory: Path) -> dict | None:
     return data if isinstance(data, dict) and "edgeconv_version" in data else None
 
 
-def check_can_write(out: Path, force: bool) -> None:
-    """Refuse to replace something that is not ours, or another run's output, unless forced."""
+def check_can_write(out: Path, force: bool, key: str | None = None) -> None:
+    """Refuse to replace something that is not ours, or another run's output, unless forced.
+
+    A damaged output of this same run (same stage key) is rebuilt without asking: nothing is lost.
+    """
     if not out.exists() or force:
         return
     if not out.is_dir():
@@ -44,6 +47,8 @@ def check_can_write(out: Path, force: bool) -> None:
             f"output directory {out} exists and is not an edgeconv output",
             "choose another --out, or pass --force to replace it",
         )
+    if key is not None and manifest.get("key") == key:
+        return
     raise EdgeconvError(
         f"output directory {out} holds another edgeconv {manifest.get('stage', '')} output (different inputs or options)",
         "choose another --out, or pass --force to replace it",
@@ -77,10 +82,10 @@ def disk_full_error(out: Path) -> EdgeconvError:
 
 
 @contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool = False, key: str | None = None) -> Iterator[Path]:
     """Yield a temp directory; on success it replaces `out`, on any failure it is deleted."""
     out = Path(out).absolute()
-    check_can_write(out, force)
+    check_can_write(out, force, key)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out)
     tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}"

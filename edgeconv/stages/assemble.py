@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from edgeconv import __version__
 from edgeconv.families import family_for
 from edgeconv.families.base import MoEFamily
 from edgeconv.families.ffn import Ffn, concat, weighted_average
@@ -143,7 +142,7 @@ def assemble(
     specs = [spec for _, _, group in steps for spec in group]
     plans_by_layer = {lp.layer: lp for lp in plan.layers}
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, key) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         try:
             with byte_progress(progress) as bar:
@@ -186,7 +185,6 @@ def _summary(ckpt: Checkpoint, family: MoEFamily, plan: Plan, width: int, specs:
     used = sum(lp.width for lp in plan.layers) + family.dense_layer_width * (family.num_layers - len(plan.layers))
     padded = width * family.num_layers - used
     return {
-        "edgeconv_version": __version__,
         "source_architecture": family.moe_architecture,
         "dense_architecture": family.dense_architecture,
         "dense_width": width,

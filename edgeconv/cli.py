@@ -13,7 +13,7 @@ from rich.table import Table
 from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 

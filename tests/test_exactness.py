@@ -21,7 +21,7 @@ DENSE_CLASS = {
 
 def load(path):
     model, info = AutoModelForCausalLM.from_pretrained(
-        path, torch_dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
     )
     return model.eval(), info
 

@@ -39,7 +39,7 @@ def test_dense_ffn_is_scaled_sum_of_kept_experts(arch, random_checkpoints, tmp_p
     moe, src = random_checkpoints[arch]
     family = family_for(tiny.config_of(src))
     assemble(src, simple_plan(family, KEEP, "uniform"), tmp_path / "dense", progress=False)
-    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", torch_dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
     x = torch.randn(5, family.hidden_size, generator=torch.Generator().manual_seed(3))
     checked = 0
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_source_dense_layers_are_copied_and_padded(random_checkpoints, tmp_path)
     moe, src = random_checkpoints["Qwen2MoeForCausalLM"]
     family = family_for(tiny.config_of(src))
     assemble(src, simple_plan(family, KEEP, "uniform"), tmp_path / "dense", progress=False)
-    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", torch_dtype=torch.float32).eval()
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
     assert dense.config.intermediate_size == K * 16 + 24 > 40
     x = torch.randn(4, 32)
     with torch.no_grad():

@@ -161,3 +161,30 @@ def test_hub_id_resolves_from_the_local_cache_without_network(qwen3_dir, tmp_pat
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path("acme/tiny-moe") == snap
     assert inspect_model("acme/tiny-moe").architecture == "Qwen3MoeForCausalLM"
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_adapter_reads_router_from_files(arch, random_checkpoints):
+    model, src = random_checkpoints[arch]
+    family = family_for(tiny.config_of(src))
+    ckpt = Checkpoint(src)
+    layer = family.moe_layers()[-1]
+    block = getattr(model.model.layers[layer], "block_sparse_moe", None) or model.model.layers[layer].mlp
+    router = getattr(block, "router", None) or block.gate
+    weight, bias = family.read_router(ckpt, layer)
+    assert torch.equal(weight, router.weight.detach())
+    assert (bias is None) == (getattr(router, "bias", None) is None)
+
+
+def test_assemble_reads_only_the_kept_experts(random_checkpoints, tmp_path, monkeypatch):
+    """Lazy by construction: the experts a plan drops are never read from disk."""
+    from edgeconv.io import safetensors_reader
+
+    src = random_checkpoints["Qwen3MoeForCausalLM"][1]
+    seen = []
+    real = safetensors_reader.ShardFile.read
+    monkeypatch.setattr(safetensors_reader.ShardFile, "read", lambda self, n, i=None: seen.append(n) or real(self, n, i))
+    assemble(src, simple_plan(family_for(tiny.config_of(src)), "ids:2,5"), tmp_path / "d", progress=False)
+    experts_read = {int(n.split(".experts.")[1].split(".")[0]) for n in seen if ".experts." in n}
+    assert experts_read == {2, 5}
+    assert not any(n.endswith("mlp.gate.weight") for n in seen)  # the router is not needed to assemble

@@ -194,3 +194,22 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(qwen3_dir, plan_file
         assemble(qwen3_dir, plan_file, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 40 KB filesystem (tmpfs), where mounting is allowed (root, as in CI here)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_really_full_disk(qwen3_dir, plan_file, tiny_disk):
+    # The tiny Qwen3 output is about 77 KB: the disk fills during the write.
+    assemble_fails(qwen3_dir, plan_file, tiny_disk / "out", "disk filled up", "nothing was kept")
+    assert list(tiny_disk.iterdir()) == []

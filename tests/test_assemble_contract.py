@@ -188,3 +188,24 @@ def test_assemble_reads_only_the_kept_experts(random_checkpoints, tmp_path, monk
     experts_read = {int(n.split(".experts.")[1].split(".")[0]) for n in seen if ".experts." in n}
     assert experts_read == {2, 5}
     assert not any(n.endswith("mlp.gate.weight") for n in seen)  # the router is not needed to assemble
+
+
+def test_tokenizer_is_copied_and_loads(qwen3_dir, tmp_path):
+    """A locally trained BPE tokenizer travels with the weights and loads with AutoTokenizer."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    src = tmp_path / "with_tok"
+    shutil.copytree(qwen3_dir, src)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<eos>"])
+    tok.train_from_iterator(["to be or not to be, that is the question"] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(src)
+    assemble(src, simple_plan(family_for(tiny.config_of(src))), tmp_path / "d", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "d" / name).read_bytes() == (src / name).read_bytes()
+    a, b = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(tmp_path / "d")
+    assert a("that is the question").input_ids == b("that is the question").input_ids

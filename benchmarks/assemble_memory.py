@@ -5,12 +5,16 @@
    (~500 MB shards + model.safetensors.index.json), streamed tensor by tensor with edgeconv's
    ShardedWriter so the generator holds one tensor at a time.
 2. Warm-up: reads every shard once (so the page cache is in the same, warm state for both measurements).
-3. Times reading every shard fully once: safetensors.torch.load_file per shard (the figure the goal uses),
-   and, for reference, plain file reads into one reused buffer.
+3. Times reading every byte of every shard once (16 MB readinto into one reused buffer): the "read time".
+   safetensors.torch.load_file is timed too, for reference only: it maps the file and reads nothing until
+   a tensor is touched.
 4. `edgeconv plan CKPT --experts first:TOP_K`, then `edgeconv assemble ... --no-progress` in a subprocess:
-   wall time, and peak RSS from os.wait4's rusage of that one child (exact ru_maxrss), cross-checked by
-   psutil polling every 20 ms.
-5. Checks the output (config, index, shards, tensor count, sizes) and prints
+   wall time, and peak RSS from os.wait4's rusage of that one process (exact ru_maxrss, taken in a small
+   wrapper process, see WRAPPER), cross-checked by psutil polling every 20 ms. The same is measured for a
+   bare `import edgeconv.stages.assemble` (python + torch import: the floor of any edgeconv command).
+5. Secondary, unless --no-cold: the shards are evicted from the page cache (os.sync + posix_fadvise
+   DONTNEED) and the read and the assemble are timed again, cold.
+6. Checks the output (config, index, shards, tensor count, sizes) and prints
 
      peak RSS / checkpoint size          goal <= 0.10
      assemble wall time / read time      goal <= 1.5
@@ -29,6 +33,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -238,27 +243,59 @@ def read_load_file(paths: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def fmt_runs(xs: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.2f}" for x in xs) + "] s"
+
+
 def edgeconv_command() -> list[str]:
     """The console script next to this interpreter (not a pyenv shim, which would add a bash process)."""
     script = Path(sys.executable).parent / "edgeconv"
     return [str(script)] if script.is_file() else [sys.executable, "-m", "edgeconv.cli"]
 
 
+# Runs argv[2:] as its only child and writes that child's wall time and rusage to argv[1]. A fresh, small
+# process is needed: on Linux a child's ru_maxrss starts at the RSS high-water mark of the process that
+# forked it (exec records the old mm's peak), so measured straight from this benchmark (which imported torch
+# and generated the checkpoint) a small command would report this process's peak instead of its own.
+WRAPPER = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as fh:
+    json.dump({"wall_s": wall, "maxrss_kib": ru.ru_maxrss, "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, fh)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cmd: list[str], log: Path, poll_s: float = 0.02) -> dict:
-    """Run cmd; wall time, exact peak RSS (wait4 rusage of this child) and a psutil-polled RSS timeline."""
+    """Run cmd: wall time, exact peak RSS (wait4 rusage of that one process) and a psutil-polled RSS timeline."""
     import psutil
 
+    usage_file = log.with_suffix(".rusage.json")
+    usage_file.unlink(missing_ok=True)
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(usage_file), *cmd], stdout=fh, stderr=subprocess.STDOUT)
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
 
         def poll():
             try:
-                p = psutil.Process(proc.pid)
+                wrapper = psutil.Process(proc.pid)
+                while not stop.is_set() and not (children := wrapper.children()):
+                    time.sleep(0.002)
+                if stop.is_set():
+                    return
+                child = children[0]
                 while not stop.is_set():
-                    rss = p.memory_info().rss
+                    rss = child.memory_info().rss
                     if rss:
                         samples.append((time.perf_counter() - t0, rss))
                     time.sleep(poll_s)
@@ -267,19 +304,18 @@ def run_measured(cmd: list[str], log: Path, poll_s: float = 0.02) -> dict:
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
+        proc.wait()
         stop.set()
         poller.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    usage = json.loads(usage_file.read_text())
     polled_peak = max((r for _, r in samples), default=0)
     peak_at = next((t for t, r in samples if r == polled_peak), None)
     return {
         "returncode": proc.returncode,
-        "wall_s": wall,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux: KiB
-        "user_s": usage.ru_utime,
-        "sys_s": usage.ru_stime,
+        "wall_s": usage["wall_s"],  # fork to exit, as timed by the wrapper
+        "peak_rss_bytes": usage["maxrss_kib"] * 1024,  # Linux: KiB
+        "user_s": usage["user_s"],
+        "sys_s": usage["sys_s"],
         "polled_peak_rss_bytes": polled_peak,
         "polled_peak_at_s": peak_at,
         "samples": samples,
@@ -363,6 +399,7 @@ def main() -> int:
     ap.add_argument("--shard-mb", type=int, default=500, help="input shard size in MB")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the assemble output (the input is always kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="warm reads and warm assembles to take the median of")
     ap.add_argument("--no-cold", action="store_true", help="skip the secondary cold-cache read and assemble")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "assemble_memory.json")
     args = ap.parse_args()
@@ -385,9 +422,10 @@ def main() -> int:
 
     os.sync()  # the generator's dirty pages must not be written back during the timings
     warmup_s = read_raw(paths)  # puts every shard in the page cache: the timings below all run warm
-    raw_s = read_raw(paths)
+    raws = [read_raw(paths) for _ in range(args.repeat)]
+    raw_s = statistics.median(raws)
     load_s = read_load_file(paths)
-    print(f"read (warm): {raw_s:.2f} s every byte; load_file {load_s:.2f} s (mmap, lazy); "
+    print(f"read (warm): {fmt_runs(raws)} every byte; load_file {load_s:.2f} s (mmap, lazy); "
           f"warm-up pass {warmup_s:.2f} s", flush=True)
 
     cmd = edgeconv_command()
@@ -409,8 +447,14 @@ def main() -> int:
             raise SystemExit(1)
         return run
 
-    run = assemble_once("assemble.log")
-    print(f"assemble (warm): {run['wall_s']:.2f} s, peak RSS {run['peak_rss_bytes'] / MB:.0f} MB", flush=True)
+    runs = []
+    for i in range(args.repeat):
+        runs.append(assemble_once(f"assemble-{i + 1}.log"))
+        print(f"assemble (warm) {i + 1}/{args.repeat}: {runs[-1]['wall_s']:.2f} s, "
+              f"peak RSS {runs[-1]['peak_rss_bytes'] / MB:.0f} MB", flush=True)
+    walls = [r["wall_s"] for r in runs]
+    run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]  # the median run (by wall time)
+    peak_rss = max(r["peak_rss_bytes"] for r in runs)  # the worst run, for memory
     check = check_output(out, config, top_k)
     cold = None
     if not args.no_cold:
@@ -429,7 +473,7 @@ def main() -> int:
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
 
-    rss_ratio = run["peak_rss_bytes"] / ckpt_bytes
+    rss_ratio = peak_rss / ckpt_bytes
     time_ratio = run["wall_s"] / raw_s
     # RSS timeline, thinned to ~40 points, for finding where the peak is.
     step = max(1, len(run["samples"]) // 40)
@@ -451,8 +495,10 @@ def main() -> int:
             **gen,
         },
         "page_cache": "warm: every shard read once (after os.sync) before the timed read and before assemble",
+        "repeat": args.repeat,
         "read": {
             "raw_read_s": round(raw_s, 3),
+            "raw_read_runs_s": [round(x, 3) for x in raws],
             "load_file_lazy_s": round(load_s, 3),
             "warmup_read_s": round(warmup_s, 3),
             "note": "raw_read_s reads every byte (16 MB readinto); safetensors load_file maps the file and "
@@ -463,9 +509,12 @@ def main() -> int:
         "plan": {"wall_s": round(planned["wall_s"], 3), "peak_rss_mb": round(planned["peak_rss_bytes"] / MB, 1)},
         "assemble": {
             "wall_s": round(run["wall_s"], 3),
+            "wall_runs_s": [round(x, 3) for x in walls],
+            "peak_rss_runs_mb": [round(r["peak_rss_bytes"] / MB, 1) for r in runs],
+            "note": "wall_s, user_s, sys_s, timeline: the median run; peak_rss_mb: the largest of all runs",
             "user_s": round(run["user_s"], 3),
             "sys_s": round(run["sys_s"], 3),
-            "peak_rss_mb": round(run["peak_rss_bytes"] / MB, 1),
+            "peak_rss_mb": round(peak_rss / MB, 1),
             "polled_peak_rss_mb": round(run["polled_peak_rss_bytes"] / MB, 1),
             "polled_peak_at_s": None if run["polled_peak_at_s"] is None else round(run["polled_peak_at_s"], 2),
             "rss_timeline_s_mb": timeline,
@@ -494,12 +543,13 @@ def main() -> int:
         f"machine        {result['machine']['cpus']} CPUs, {result['machine']['mem_total_gb']} GB RAM, "
         f"torch {result['machine']['torch']}",
         "page cache     warm for both (os.sync, then every shard read once before timing)",
-        f"read all       {raw_s:.2f} s  (every byte of every shard, {ckpt_bytes / MB / raw_s:,.0f} MB/s)",
-        f"assemble       {run['wall_s']:.2f} s wall ({run['user_s']:.2f} s user, {run['sys_s']:.2f} s sys), "
-        f"plan first:{top_k}, dense width {check['dense_width']}",
+        f"read all       {raw_s:.2f} s  median of {fmt_runs(raws)}: every byte of every shard, "
+        f"{ckpt_bytes / MB / raw_s:,.0f} MB/s",
+        f"assemble       {run['wall_s']:.2f} s  median of {fmt_runs(walls)} wall; median run "
+        f"{run['user_s']:.2f} s user, {run['sys_s']:.2f} s sys; plan first:{top_k}, dense width {check['dense_width']}",
         f"  of which     {imports['wall_s']:.2f} s / {imports['peak_rss_bytes'] / MB:,.0f} MB is python + torch import alone",
-        f"peak RSS       {run['peak_rss_bytes'] / MB:,.0f} MB (wait4 ru_maxrss; psutil 20 ms polling "
-        f"{run['polled_peak_rss_bytes'] / MB:,.0f} MB)",
+        f"peak RSS       {peak_rss / MB:,.0f} MB, largest of {args.repeat} runs (wait4 ru_maxrss; psutil 20 ms "
+        f"polling {max(r['polled_peak_rss_bytes'] for r in runs) / MB:,.0f} MB)",
         f"output         {check['shards']} shard(s), {check['tensors']} tensors, {check['weights_bytes'] / MB:,.0f} MB "
         f"weights, check {'ok' if check['ok'] else 'FAILED: ' + '; '.join(check['problems'])}",
         f"RSS / size     {g['peak_rss_over_checkpoint']:.3f}   goal <= {RSS_GOAL:.2f}  {yes(g['peak_rss_met'])}",

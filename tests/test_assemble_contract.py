@@ -183,7 +183,7 @@ def test_assemble_reads_only_the_kept_experts(random_checkpoints, tmp_path, monk
     src = random_checkpoints["Qwen3MoeForCausalLM"][1]
     seen = []
     real = safetensors_reader.ShardFile.read
-    monkeypatch.setattr(safetensors_reader.ShardFile, "read", lambda self, n, i=None: seen.append(n) or real(self, n, i))
+    monkeypatch.setattr(safetensors_reader.ShardFile, "read", lambda self, n, *a: seen.append(n) or real(self, n, *a))
     assemble(src, simple_plan(family_for(tiny.config_of(src)), "ids:2,5"), tmp_path / "d", progress=False)
     experts_read = {int(n.split(".experts.")[1].split(".")[0]) for n in seen if ".experts." in n}
     assert experts_read == {2, 5}

@@ -64,7 +64,7 @@ def concat(blocks: list[Ffn], width: int | None = None) -> Ffn:
     hidden = blocks[0].gate.shape[1]
     dtype = blocks[0].gate.dtype
     gates, ups, downs, gbs, ubs = [], [], [], [], []
-    down_bias = torch.zeros(hidden, dtype=dtype) if with_bias else None
+    down_bias = torch.zeros(hidden, dtype=torch.float32) if with_bias else None  # summed in fp32, rounded once
     for b in blocks:
         gates.append(b.gate)
         ups.append(b.up)
@@ -73,7 +73,7 @@ def concat(blocks: list[Ffn], width: int | None = None) -> Ffn:
             gbs.append(b.gate_bias if b.gate_bias is not None else torch.zeros(b.width, dtype=dtype))
             ubs.append(b.up_bias if b.up_bias is not None else torch.zeros(b.width, dtype=dtype))
             if b.down_bias is not None:
-                down_bias = down_bias + b.down_bias
+                down_bias += b.down_bias.float()
     total = sum(b.width for b in blocks)
     if width is not None and width > total:
         pad = width - total
@@ -89,5 +89,5 @@ def concat(blocks: list[Ffn], width: int | None = None) -> Ffn:
         torch.cat(downs, 1),
         torch.cat(gbs) if with_bias else None,
         torch.cat(ubs) if with_bias else None,
-        down_bias,
+        down_bias.to(dtype) if with_bias else None,
     )

@@ -7,6 +7,7 @@ import json
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -71,6 +72,7 @@ class Checkpoint:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise EdgeconvError(f"{config_path} is not valid JSON ({exc})", "restore the checkpoint's config.json")
         self.shards = [ShardFile(p) for p in self._shard_paths()]
+        self._open: tuple[ShardFile, BinaryIO] | None = None  # one shard handle at a time
         self._where: dict[str, ShardFile] = {}
         for shard in self.shards:
             for name in shard.tensors:
@@ -117,7 +119,16 @@ class Checkpoint:
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         self.info(name)
-        return self._where[name].read(name, index)
+        shard = self._where[name]
+        if self._open is None or self._open[0] is not shard:
+            self.close()
+            self._open = (shard, open(shard.path, "rb"))
+        return shard.read(name, index, self._open[1])
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
 
     @property
     def total_bytes(self) -> int:

@@ -14,6 +14,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -105,8 +106,12 @@ class ShardFile:
                 )
             self.tensors[name] = TensorInfo(name, dtype, shape, base + begin, base + end)
 
-    def read(self, name: str, index: int | None = None) -> torch.Tensor:
-        """Read a tensor, or with `index` only its row `index` along dim 0 (one expert of a fused tensor)."""
+    def read(self, name: str, index: int | None = None, fh: BinaryIO | None = None) -> torch.Tensor:
+        """Read a tensor, or with `index` only its row `index` along dim 0 (one expert of a fused tensor).
+
+        `fh` is an already open handle on this file (the checkpoint keeps one open); without it the file
+        is opened for this read.
+        """
         info = self.tensors[name]
         start, shape = info.start, info.shape
         if index is not None:
@@ -115,14 +120,20 @@ class ShardFile:
             row_bytes = info.nbytes // shape[0]
             start += index * row_bytes
             shape = shape[1:]
-        count = math.prod(shape)
-        nbytes = count * torch.empty((), dtype=info.dtype).element_size()
-        buf = bytearray(nbytes)
-        with open(self.path, "rb") as fh:
-            fh.seek(start)
-            got = fh.readinto(buf)
-        if got != nbytes:
-            raise _corrupt(self.path, f"short read of {name!r}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=info.dtype).element_size()
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: readinto overwrites every byte
+        if fh is None:
+            with open(self.path, "rb") as own:
+                got = _read_at(own, start, buf)
+        else:
+            got = _read_at(fh, start, buf)
+        if got != nbytes:
+            raise _corrupt(self.path, f"short read of {name!r}")
+        return buf.view(info.dtype).reshape(shape)
+
+
+def _read_at(fh: BinaryIO, offset: int, buf: torch.Tensor) -> int:
+    fh.seek(offset)
+    return fh.readinto(memoryview(buf.numpy()))

@@ -52,19 +52,28 @@ def dense_width(family: MoEFamily, plan: Plan) -> int:
 
 
 def layer_ffn(ckpt: Checkpoint, family: MoEFamily, layer: int, lp: LayerPlan | None, width: int) -> Ffn:
-    """The dense FFN of one layer, in fp32: merged, scaled groups (+ shared expert), zero-padded to `width`."""
+    """The dense FFN of one layer: merged, scaled groups (+ shared expert), zero-padded to `width`.
+
+    Merging averages in fp32 and rounds once; a single-expert group is only scaled, in its own dtype
+    (torch multiplies bf16 in fp32 and rounds once, so the result is the same, without the copies).
+    """
     if lp is None:  # a layer that is dense in the source already
-        return concat([family.read_dense_mlp(ckpt, layer).float()], width)
+        return concat([family.read_dense_mlp(ckpt, layer)], width)
     blocks = []
     for group in lp.groups:
-        experts = [family.read_expert(ckpt, layer, e).float() for e in group.experts]
-        merged = weighted_average(experts, group.weights)
-        blocks.append(merged.scaled(group.scale * family.routed_scale()))
-        del experts
+        scale = group.scale * family.routed_scale()
+        if len(group.experts) == 1:
+            blocks.append(family.read_expert(ckpt, layer, group.experts[0]).scaled(scale))
+            continue
+        experts = [family.read_expert(ckpt, layer, e) for e in group.experts]
+        dtype = experts[0].gate.dtype
+        merged = weighted_average([x.float() for x in experts], group.weights).scaled(scale)
+        blocks.append(Ffn(*(t.to(dtype) if t is not None else None for t in merged._parts())))
+        del experts, merged
     shared = family.read_shared(ckpt, layer)
     if shared is not None:
         scale = lp.shared_scale if lp.shared_scale is not None else family.default_shared_scale()
-        blocks.append(shared.float().scaled(scale))
+        blocks.append(shared.scaled(scale))
     return concat(blocks, width)
 
 
@@ -154,9 +163,8 @@ def assemble(
                         tensors = {group[0].name: torch.zeros(group[0].shape, dtype=group[0].dtype)}
                     else:
                         ffn = layer_ffn(ckpt, family, layer, plans_by_layer.get(layer), width)
-                        dtype = group[0].dtype
-                        ffn = Ffn(*(t.to(dtype) if t is not None else None for t in ffn._parts()))
                         tensors = family.dense_ffn_tensors(layer, ffn)
+                        del ffn
                     for spec in group:
                         writer.write(spec.name, tensors[spec.name])
                         bar.advance(task, spec.nbytes)
@@ -164,6 +172,7 @@ def assemble(
             hashes = writer.close()
         finally:
             writer.abort()
+            ckpt.close()
 
         files = {name: {"sha256": digest, "bytes": (tmp / name).stat().st_size} for name, digest in hashes.items()}
         dense_config = family.dense_config(width)

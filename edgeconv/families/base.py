@@ -34,6 +34,9 @@ class MoEFamily:
     expert_width_key: ClassVar[str] = "moe_intermediate_size"
     # MoE-only config keys that the dense config drops.
     moe_config_keys: ClassVar[tuple[str, ...]] = ()
+    # How transformers 4.57's modules hand results on (used when calibration runs the decoder layers).
+    block_returns_tuple: ClassVar[bool] = True  # the MoE block returns (hidden, router_logits)
+    layer_returns_tuple: ClassVar[bool] = False  # the decoder layer returns (hidden, ...)
 
     def __init__(self, config: dict):
         self.config = config
@@ -81,6 +84,29 @@ class MoEFamily:
     def default_shared_scale(self) -> float:
         """Constant the shared expert's output is multiplied by in the dense model, absent calibration."""
         return 1.0
+
+    # --- computing (calibration runs the MoE block with these, from the weights read from files) -------
+    def normalizes_top_k(self) -> bool:
+        return bool(self.config.get("norm_topk_prob", False))
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing weights [T, k] (before routed_scale) and expert ids [T, k] from router logits [T, E]."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalizes_top_k():
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def ffn_forward(self, ffn: Ffn, x: torch.Tensor) -> torch.Tensor:
+        """One expert (or dense MLP) applied to tokens x [T, hidden]: down(silu(gate x) * up x)."""
+        return torch.nn.functional.linear(
+            torch.nn.functional.silu(torch.nn.functional.linear(x, ffn.gate)) * torch.nn.functional.linear(x, ffn.up),
+            ffn.down,
+        )
+
+    def read_shared_gate(self, ckpt: Checkpoint, layer: int) -> torch.Tensor | None:
+        """Weight [1, hidden] of a per-token sigmoid gate on the shared expert, if the family has one."""
+        return None
 
     # --- reading --------------------------------------------------------------------------------------
     @staticmethod

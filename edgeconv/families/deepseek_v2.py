@@ -7,6 +7,8 @@ the dense config has one intermediate_size, so narrower layers are zero-padded t
 a zero neuron outputs zero), and the report says how much that costs.
 """
 
+import torch
+
 from edgeconv.families.base import MoEFamily, register
 from edgeconv.families.layouts import PlainMlp
 
@@ -18,6 +20,18 @@ class DeepseekV2(MoEFamily):
     dense_model_type = "deepseek_v2"
     shared = PlainMlp("mlp.shared_experts")
     num_experts_key = "n_routed_experts"
+    block_returns_tuple = False
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax, then greedy top-k or DeepSeek's group-limited top-k; no renormalisation (as in 4.57)."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        if self.config.get("topk_method", "greedy") == "group_limited_greedy":
+            groups = int(self.config["n_group"])
+            best = probs.view(probs.shape[0], groups, -1).max(dim=-1).values
+            keep = torch.topk(best, int(self.config["topk_group"]), dim=-1).indices
+            mask = torch.zeros_like(best).scatter_(1, keep, 1.0).repeat_interleave(self.num_experts // groups, dim=1)
+            probs = probs.masked_fill(mask == 0, 0.0)
+        return torch.topk(probs, self.top_k, dim=-1)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= int(self.config.get("first_k_dense_replace") or 0)

@@ -31,7 +31,10 @@ class Ffn:
         return self.gate_bias is not None
 
     def float(self) -> "Ffn":
-        return Ffn(*(t.float() if t is not None else None for t in self._parts()))
+        return self.to(torch.float32)
+
+    def to(self, dtype: torch.dtype) -> "Ffn":
+        return Ffn(*(t.to(dtype) if t is not None else None for t in self._parts()))
 
     def _parts(self):
         return (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)

@@ -23,6 +23,19 @@ class GptOss(MoEFamily):
     num_experts_key = "num_local_experts"
     expert_width_key = "intermediate_size"
     has_ffn_bias = True
+    # The clamped SwiGLU's constants, fixed in transformers' GptOssExperts.
+    alpha = 1.702
+    limit = 7.0
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k on the raw logits, then softmax over the k chosen ones."""
+        values, ids = torch.topk(logits.float(), self.top_k, dim=-1)
+        return torch.softmax(values, dim=-1), ids
+
+    def ffn_forward(self, ffn: Ffn, x: torch.Tensor) -> torch.Tensor:
+        gate = (x @ ffn.gate.t() + ffn.gate_bias).clamp(max=self.limit)
+        up = (x @ ffn.up.t() + ffn.up_bias).clamp(-self.limit, self.limit)
+        return ((up + 1) * gate * torch.sigmoid(gate * self.alpha)) @ ffn.down.t() + ffn.down_bias
 
     @property
     def dense_layer_width(self) -> int:

@@ -28,6 +28,9 @@ class Mixtral(MoEFamily):
         "router_jitter_noise",
     )
 
+    def normalizes_top_k(self) -> bool:
+        return True  # Mixtral always renormalises its top-k weights
+
     @property
     def dense_layer_width(self) -> int:
         return 0  # every Mixtral layer is MoE; intermediate_size is the expert width

@@ -18,6 +18,7 @@ class Olmoe(MoEFamily):
     dense_architecture = "OlmoeForCausalLM"
     dense_model_type = "olmoe"
     expert_width_key = "intermediate_size"
+    layer_returns_tuple = True
 
     @property
     def dense_layer_width(self) -> int:

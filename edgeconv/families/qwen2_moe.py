@@ -7,6 +7,8 @@ calibration tokens), or, without calibration, 0.5 = sigmoid(0), the gate's value
 Qwen2 dense always has q/k/v biases; if the MoE was trained without them they are written as zeros.
 """
 
+import torch
+
 from edgeconv.families.base import MoEFamily, register
 from edgeconv.families.layouts import PlainMlp
 from edgeconv.io.checkpoint import Checkpoint
@@ -41,6 +43,11 @@ class Qwen2Moe(MoEFamily):
 
     def default_shared_scale(self) -> float:
         return 0.5
+
+    layer_returns_tuple = True
+
+    def read_shared_gate(self, ckpt: Checkpoint, layer: int):
+        return ckpt.read(f"{self.prefix(layer)}.mlp.shared_expert_gate.weight")
 
     def zero_tensors(self, ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
         zeros = {}

@@ -14,7 +14,7 @@ from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 
 console = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def parse_size(text: str) -> int:
@@ -60,13 +60,17 @@ def main():
 
 
 @main.command()
-@click.argument("model")
+@click.argument("model", metavar="MODEL|STATS")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 def inspect(model, as_json):
-    """Describe a MoE checkpoint: family, layers, experts, top-k, total vs active parameters.
+    """Describe a MoE checkpoint, or the expert usage recorded in calibration statistics.
 
-    Reads only config.json and the safetensors headers, so it is instant even on huge models.
+    For a MODEL: family, layers, experts, top-k, total vs active parameters and the default dense width,
+    read from config.json and the safetensors headers only (instant even on huge models). For STATS
+    (from `edgeconv calibrate`): per layer, how evenly experts are used and the most used ones.
     """
+    if _is_stats_dir(model):
+        return _inspect_stats(Path(model), as_json)
     from edgeconv.model_info import inspect_model
 
     info = inspect_model(model)
@@ -91,26 +95,102 @@ def inspect(model, as_json):
     out.print(table)
 
 
+def _is_stats_dir(path: str) -> bool:
+    return (Path(path) / "summary.json").is_file() and (Path(path) / "stats.safetensors").is_file()
+
+
 @main.command()
-@click.argument("model")
-@click.option("--experts", default=None, metavar="SPEC",
-              help="first:K | random:K[:SEED] | ids:A,B,.. (or ids:A,B|C,D per MoE layer). Default: first:TOP_K.")
-@click.option("--scaling", default="uniform", show_default=True, metavar="uniform|NUMBER",
-              help="Output scale of each kept expert: uniform = 1/K, or a constant.")
+@click.argument("source", metavar="STATS|MODEL")
+@click.option("--experts", default=None, metavar="K|SPEC",
+              help="With STATS: K, the number of experts kept per layer (default: the group count). "
+                   "With MODEL (no calibration): first:K | random:K[:SEED] | ids:A,B,.. (or ids:A,B|C,D per layer).")
+@click.option("--groups", type=int, default=None, help="Groups per layer = dense width / expert width (default: the router's top-k).")
+@click.option("--scoring", default="do-acp", show_default=True, help="Scoring method (STATS only): " + "see `edgeconv methods`.")
+@click.option("--grouping", default="none", show_default=True, help="Grouping method (STATS only).")
+@click.option("--scaling", default=None, metavar="NAME|NUMBER",
+              help="Group output scale: cp or uniform with STATS (default cp); uniform or a number with MODEL (default uniform).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random scoring/grouping.")
+@click.option("--model", "model_path", default=None, help="The calibrated model, if it moved (weight-cluster reads its weights).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the plan JSON.")
-def plan(model, experts, scaling, out_path):
-    """Make a dense plan without calibration (pure pruning: each kept expert is its own group)."""
-    from edgeconv.families import family_for
-    from edgeconv.io.checkpoint import Checkpoint
-    from edgeconv.simple_planner import simple_plan
+def plan(source, experts, groups, scoring, grouping, scaling, seed, model_path, out_path):
+    """Decide which experts go into the dense FFN, how they are grouped and scaled.
 
-    ckpt = Checkpoint.open(model)
-    family = family_for(ckpt.config, str(ckpt.path))
-    result = simple_plan(family, experts, scaling, ckpt.fingerprint, str(ckpt.path))
+    With calibration statistics (STATS, from `edgeconv calibrate`) any scoring x grouping x scaling
+    combination; the defaults are the paper's: DO-ACP, pure pruning with K = groups = top-k, CP scaling.
+    With a MODEL directory instead, a plan without calibration (pure pruning by position, at random or
+    by id). The plan records every expert's scores.
+    """
+    if _is_stats_dir(source):
+        from edgeconv.calibration.stats import CalibrationStats
+        from edgeconv.stats_planner import stats_plan
+
+        k = _int_option("--experts", experts)
+        result = stats_plan(CalibrationStats.load(Path(source)), experts=k, groups=groups, scoring=scoring,
+                            grouping=grouping, scaling=scaling or "cp", seed=seed, model=model_path,
+                            stats_path=str(Path(source).absolute()))
+    else:
+        from edgeconv.families import family_for
+        from edgeconv.io.checkpoint import Checkpoint
+        from edgeconv.simple_planner import simple_plan
+
+        if experts is not None and experts.isdigit():
+            raise EdgeconvError(
+                f"--experts {experts} needs calibration statistics to choose which experts",
+                f"run `edgeconv calibrate` and pass its STATS dir, or choose without data: --experts first:{experts}",
+            )
+        if groups is not None or grouping != "none" or scoring != "do-acp":
+            raise EdgeconvError(
+                "--groups, --scoring and --grouping need calibration statistics",
+                "run `edgeconv calibrate MODEL --data ... --out STATS` and plan from STATS",
+            )
+        ckpt = Checkpoint.open(source)
+        family = family_for(ckpt.config, str(ckpt.path))
+        result = simple_plan(family, experts, scaling or "uniform", ckpt.fingerprint, str(ckpt.path))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result.save(out_path)
     console.print(f"plan: {len(result.layers)} MoE layers, dense FFN width {result.dense_width} -> {out_path}")
+
+
+def _int_option(name: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise EdgeconvError(f"{name} {value!r}: with statistics, pass K as a number", "e.g. --experts 8")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(exists=False, path_type=Path),
+              help="Calibration text: a .txt file, a JSONL file with a 'text' field, or a directory of them.")
+@click.option("--tokens", default=65536, show_default=True, help="Calibration tokens.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
+@click.option("--batch-size", default=4, show_default=True, help="Sequences per forward.")
+@click.option("--gram-tokens", default=1024, show_default=True, help="Shared sample on which every expert runs (Gram matrix).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--max-activation-memory", default="4GB", show_default=True, help="Beyond this, activations go to disk.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Statistics directory.")
+@click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, max_activation_memory, out_dir, force,
+              no_progress):
+    """Run the MoE on text one decoder layer at a time and save per-expert statistics.
+
+    Collected per layer and expert: selection count, routing-weight sum (CP), mean ||f_e(x)|| and
+    ||f_e(x)||^2, the REAP sum, the Gram matrix of expert outputs on a shared sample, router logit
+    statistics and the shared-expert gate mean. Peak memory is about one layer plus the activations.
+    """
+    from edgeconv.stages.calibrate import calibrate as run
+
+    result = run(model, data, out_dir, tokens=tokens, seq_len=seq_len, batch_size=batch_size, gram_tokens=gram_tokens,
+                 dtype=dtype, max_activation_bytes=parse_size(max_activation_memory), force=force,
+                 progress=not no_progress)
+    s = result.manifest["summary"]
+    verb = "up to date" if result.skipped else "wrote"
+    console.print(f"{verb} {result.out}: {s['tokens']:,} tokens x {s['layers']} MoE layers, "
+                  f"{s['tokens_per_second']:,.0f} tokens/s")
 
 
 @main.command()
@@ -138,6 +218,83 @@ def assemble(model, plan_path, out_dir, force, max_shard_size, no_progress):
         f"{verb} {result.out}: {s['dense_architecture']}, FFN width {s['dense_width']}, "
         f"{s['dense_params'] / 1e6:,.2f} M params (from {s['source_params'] / 1e6:,.2f} M)"
     )
+
+
+def _inspect_stats(path: Path, as_json: bool) -> None:
+    from edgeconv.calibration.stats import CalibrationStats
+
+    stats = CalibrationStats.load(path)
+    rows = []
+    for layer, st in sorted(stats.layers.items()):
+        freq = st.frequency
+        top = sorted(range(st.num_experts), key=lambda e: -float(freq[e]))[:5]
+        summary = st.summary()
+        rows.append({
+            "layer": layer,
+            "tokens": st.tokens,
+            "unused": summary["unused_experts"],
+            "entropy": summary["usage_entropy_ratio"],
+            "top": [(e, float(freq[e])) for e in top],
+            "shared_gate_mean": st.shared_gate_mean,
+        })
+    if as_json:
+        out.print_json(json.dumps({"model": stats.model, "data": stats.data, "layers": rows}))
+        return
+    m = stats.model
+    table = Table(title=f"{path}: {m['architecture']}, {m['num_experts']} experts top-{m['top_k']}, "
+                        f"{stats.data.get('tokens', 0):,} calibration tokens")
+    for col in ("layer", "unused experts", "usage entropy / max", "most used (share of routing)", "shared gate"):
+        table.add_column(col)
+    for r in rows:
+        gate = "" if r["shared_gate_mean"] is None else f"{r['shared_gate_mean']:.3f}"
+        top = ", ".join(f"{e}: {f:.1%}" for e, f in r["top"])
+        table.add_row(str(r["layer"]), str(r["unused"]), f"{r['entropy']:.3f}", top, gate)
+    out.print(table)
+
+
+@main.command()
+def methods():
+    """List the registered scoring, grouping and scaling methods."""
+    from edgeconv.methods import GROUPINGS, SCALINGS, SCORERS
+
+    for title, reg in (("scoring", SCORERS), ("grouping", GROUPINGS), ("scaling", SCALINGS)):
+        out.print(f"[bold]{title}[/bold]")
+        for name, fn in reg.items():
+            doc = (fn.__doc__ or "").strip().splitlines()
+            out.print(f"  {name:16} {doc[0] if doc else ''}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Dense checkpoint directory. Statistics and plan go to OUT.work/ beside it.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (file, JSONL or directory).")
+@click.option("--tokens", default=65536, show_default=True, help="Calibration tokens.")
+@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--experts", type=int, default=None, help="K experts kept per layer (default: the group count).")
+@click.option("--groups", type=int, default=None, help="Groups per layer (default: the router's top-k).")
+@click.option("--scoring", default="do-acp", show_default=True)
+@click.option("--grouping", default="none", show_default=True)
+@click.option("--scaling", default="cp", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
+@click.option("--no-progress", is_flag=True)
+def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, grouping, scaling, seed, force,
+            no_progress):
+    """calibrate + plan + assemble in one resumable command, with the paper's defaults.
+
+    DO-ACP scoring, pure pruning with K = the router's top-k, CP scaling. Rerunning after an
+    interruption skips the finished stages.
+    """
+    from edgeconv.pipeline import convert as run
+
+    result = run(model, out_dir, data=data, tokens=tokens, seq_len=seq_len, experts=experts, groups=groups,
+                 scoring=scoring, grouping=grouping, scaling=scaling, seed=seed, force=force,
+                 progress=not no_progress, log=console.print)
+    s = result.manifest["summary"]
+    console.print(f"dense model: {result.out} ({s['dense_architecture']}, FFN width {s['dense_width']}, "
+                  f"{s['dense_params'] / 1e6:,.2f} M params from {s['source_params'] / 1e6:,.2f} M)")
 
 
 if __name__ == "__main__":

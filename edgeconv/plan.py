@@ -65,6 +65,7 @@ class ModelRef(_Strict):
     num_experts: int
     top_k: int
     expert_width: int
+    shared_width: int = 0
     moe_layers: list[int]
     fingerprint: str | None = None
     path: str | None = None
@@ -116,7 +117,7 @@ class Plan(_Strict):
             raise EdgeconvError(f"plan {path} is invalid at {where}: {first['msg']}", "fix the plan or make it again")
 
 
-def check_plan_fits(plan: Plan, family, where: str = "the model") -> None:
+def check_plan_fits(plan: Plan, family, where: str = "the model", fingerprint: str | None = None) -> None:
     """Fail at once when a plan was made for another model or names experts the model lacks."""
     ref, arch = plan.model, family.moe_architecture
     if ref.architecture != arch:
@@ -131,6 +132,11 @@ def check_plan_fits(plan: Plan, family, where: str = "the model") -> None:
         raise EdgeconvError(
             f"the plan was made for {ref.num_experts} experts per layer, {where} has {family.num_experts}",
             "the plan was made for another model; make a plan for this one",
+        )
+    if ref.fingerprint and fingerprint and ref.fingerprint != fingerprint:
+        raise EdgeconvError(
+            f"the plan was made for the checkpoint at {ref.path} (from its calibration statistics), {where} is a different one",
+            "make the plan from this model's own statistics (`edgeconv calibrate` it first)",
         )
     for lp in plan.layers:
         check_expert_ids(lp.experts, family.num_experts, f"layer {lp.layer}")

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
 
 
 def byte_progress(enabled: bool = True) -> Progress:
@@ -14,4 +24,25 @@ def byte_progress(enabled: bool = True) -> Progress:
         TimeRemainingColumn(),
         disable=not enabled,
         transient=False,
+    )
+
+
+class _RateColumn(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"? {self.unit}/s")
+
+
+def token_progress(enabled: bool = True) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn("tokens"),
+        TimeRemainingColumn(),
+        disable=not enabled,
     )

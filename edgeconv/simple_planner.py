@@ -76,6 +76,7 @@ def model_ref(family: MoEFamily, fingerprint: str | None = None, path: str | Non
         num_experts=family.num_experts,
         top_k=family.top_k,
         expert_width=family.expert_width,
+        shared_width=family.shared_width,
         moe_layers=family.moe_layers(),
         fingerprint=fingerprint,
         path=path,

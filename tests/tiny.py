@@ -125,3 +125,38 @@ def fuse_experts(src: Path, dst: Path) -> Path:
 
 def config_of(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+CORPUS = (
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles. "
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n"
+    "12 + 34 = 46. 7 + 8 = 15. sort: c a b -> a b c. reverse: abc -> cba. "
+)
+
+
+def add_tokenizer(path: Path, vocab_size: int = 96) -> Path:
+    """A byte-level BPE trained here on CORPUS, saved next to the weights (vocab fits the tiny models)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60])
+    tok.train_from_iterator([CORPUS] * 10, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
+    return path
+
+
+def write_corpus(path: Path, docs: int = 40) -> Path:
+    """A JSONL calibration file of `docs` short documents."""
+    import random
+
+    rng = random.Random(0)
+    words = CORPUS.split()
+    with open(path, "w") as fh:
+        for _ in range(docs):
+            fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n")
+    return path

@@ -132,7 +132,7 @@ def assemble(
     family = family_for(ckpt.config, str(ckpt.path))
     family.check_checkpoint(ckpt)
     plan = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
-    check_plan_fits(plan, family, str(ckpt.path))
+    check_plan_fits(plan, family, str(ckpt.path), ckpt.fingerprint)
 
     plan_json = plan.model_dump_json(indent=2) + "\n"
     inputs = {

@@ -5,9 +5,10 @@ is applied to, so a plan made for another model fails before any weight is read.
 
 Semantics of one layer: the dense FFN is the concatenation, along the neuron axis, of one block per group
 plus the shared expert (if the family has one). A group's block is the parameter average of its experts
-(gate, up and down averaged with `weights`, which sum to 1; neurons are taken in their stored order,
-because experts that were never merged have no neuron correspondence to align to: alignment belongs to
-the grouping methods that merge), with its output multiplied by `scale`. The family adapter multiplies
+(gate, up and down averaged with `weights`, which sum to 1), with its output multiplied by `scale`.
+Before averaging, with `alignment: weight-matching` (the default), each expert's neurons are permuted to
+best match the group's first (most frequent) expert, since neuron i of two experts need not compute
+anything alike (see `families.ffn.align_to`); experts wider than `MAX_ALIGN_WIDTH` are averaged as stored. The family adapter multiplies
 in constants the router itself applies (DeepSeek's routed_scaling_factor); `shared_scale` replaces a
 shared expert's gate (Qwen2-MoE) with a constant, null meaning the family default.
 """
@@ -76,6 +77,9 @@ class Plan(_Strict):
     version: Literal[1] = PLAN_VERSION
     model: ModelRef
     method: dict = Field(default_factory=dict, description="how the plan was made, for the record")
+    alignment: Literal["weight-matching", "none"] = Field(
+        default="weight-matching", description="how neurons of merged experts are matched before averaging"
+    )
     layers: list[LayerPlan]
 
     @field_validator("layers")

@@ -29,3 +29,23 @@ def random_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen3_dir(random_checkpoints):
     return random_checkpoints["Qwen3MoeForCausalLM"][1]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return tiny.write_corpus(tmp_path_factory.mktemp("data") / "calib.jsonl")
+
+
+@pytest.fixture(scope="session")
+def calibrated(random_checkpoints, corpus, tmp_path_factory):
+    """arch -> (checkpoint dir with tokenizer, stats dir) from a 512-token calibration run."""
+    from edgeconv.stages.calibrate import calibrate
+
+    root = tmp_path_factory.mktemp("calibrated")
+    out = {}
+    for arch, (_, src) in random_checkpoints.items():
+        tiny.add_tokenizer(src)
+        stats = calibrate(src, corpus, root / arch, tokens=512, seq_len=32, batch_size=3, gram_tokens=64,
+                          progress=False)
+        out[arch] = (src, stats.out)
+    return out

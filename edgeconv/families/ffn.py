@@ -45,10 +45,38 @@ class Ffn:
         return Ffn(self.gate, self.up, self.down * scale, self.gate_bias, self.up_bias, bias)
 
 
-def weighted_average(blocks: list[Ffn], weights: list[float]) -> Ffn:
-    """Parameter average (neurons taken in their stored order; see the plan docs for why)."""
+# Above this width the assignment problem (O(width^3), a width x width cost matrix) costs more than it is
+# worth at conversion time; such experts are averaged in stored order, and the manifest says so.
+MAX_ALIGN_WIDTH = 4096
+
+
+def permuted(ffn: Ffn, perm: torch.Tensor) -> Ffn:
+    """The same function with its neurons reordered: row i of the result is neuron perm[i] of `ffn`."""
+    pick = lambda t: t[perm] if t is not None else None  # noqa: E731
+    return Ffn(ffn.gate[perm], ffn.up[perm], ffn.down[:, perm], pick(ffn.gate_bias), pick(ffn.up_bias), ffn.down_bias)
+
+
+def align_to(reference: Ffn, other: Ffn) -> Ffn:
+    """Reorder `other`'s neurons to best match `reference`'s (weight matching, as M-SMoE does).
+
+    A SwiGLU expert is unchanged by permuting its neurons, but two experts' neuron i need not compute
+    anything alike, so averaging them unaligned blurs both. The permutation maximises the summed inner
+    product of matched gate and up rows (a linear assignment problem).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    ref = torch.cat([reference.gate, reference.up], dim=1).double()
+    oth = torch.cat([other.gate, other.up], dim=1).double()
+    _, cols = linear_sum_assignment((ref @ oth.t()).numpy(), maximize=True)
+    return permuted(other, torch.from_numpy(cols))
+
+
+def weighted_average(blocks: list[Ffn], weights: list[float], align: bool = False) -> Ffn:
+    """Parameter average; with `align`, every block's neurons are first matched to the first block's."""
     if len(blocks) == 1:
         return blocks[0]
+    if align:
+        blocks = [blocks[0]] + [align_to(blocks[0], b) for b in blocks[1:]]
 
     def avg(parts):
         if parts[0] is None:

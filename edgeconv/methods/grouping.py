@@ -63,6 +63,7 @@ def merge_weights(stats: LayerStats, group: list[int]) -> list[float]:
 
 @grouping("none")
 def none(stats, selected, groups, generator, weights=None):
+    """Pure pruning: every kept expert is its own group (K = groups)."""
     if len(selected) != groups:
         raise EdgeconvError(
             f"grouping 'none' keeps each of the K={len(selected)} experts as its own group, "
@@ -74,6 +75,7 @@ def none(stats, selected, groups, generator, weights=None):
 
 @grouping("random")
 def random_groups(stats, selected, groups, generator, weights=None):
+    """Seeded random partition into near-equal groups: the grouping baseline."""
     order = torch.randperm(len(selected), generator=generator).tolist()
     # Near-equal parts: the first len % groups parts get one extra expert.
     size, extra = divmod(len(selected), groups)

@@ -16,6 +16,7 @@ SCALINGS: Registry[Scaling] = Registry("scaling method")
 
 @SCALINGS.register("uniform")
 def uniform(stats: LayerStats, groups: list[list[int]]) -> list[float]:
+    """Every group's output x 1/groups."""
     # Uniform routing over g groups gives each group weight 1/g (the exactness check's case).
     return [1.0 / len(groups)] * len(groups)
 

@@ -112,32 +112,38 @@ def greedy_logdet(kernel: torch.Tensor, k: int, lam: float) -> tuple[list[int], 
 
 @scorer("random")
 def random_scores(stats: LayerStats, k: int, generator: torch.Generator) -> Ranking:
+    """Seeded random scores: the baseline every method must beat."""
     return _ranked("random", torch.rand(stats.num_experts, generator=generator, dtype=torch.float64), k)
 
 
 @scorer("frequency")
 def frequency(stats: LayerStats, k: int, generator: torch.Generator) -> Ranking:
+    """SF: how many tokens the router sent to the expert."""
     return _ranked("frequency", stats.count, k)
 
 
 @scorer("cp")
 def cp(stats: LayerStats, k: int, generator: torch.Generator) -> Ranking:
+    """CP: mean routing weight over the tokens routed to the expert."""
     return _ranked("cp", stats.cp, k)
 
 
 @scorer("ean")
 def ean(stats: LayerStats, k: int, generator: torch.Generator) -> Ranking:
+    """EAN: sum of ||f_e(x)|| over the tokens routed to the expert."""
     # A sum, not a mean: EAN rewards experts that are both used often and produce large outputs.
     return _ranked("ean", stats.norm_sum, k)
 
 
 @scorer("reap")
 def reap(stats: LayerStats, k: int, generator: torch.Generator) -> Ranking:
+    """REAP: mean of g_e(x) * ||f_e(x)|| over routed tokens (router weight times output size)."""
     return _ranked("reap", stats.reap, k)
 
 
 @scorer("acp")
 def acp_scores(stats: LayerStats, k: int, generator: torch.Generator) -> Ranking:
+    """ACP: cp_e * sqrt(E) * mean ||f_e(x)||^2."""
     return _ranked("acp", acp(stats), k)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from edgeconv.families import family_for
 from edgeconv.families.base import MoEFamily
-from edgeconv.families.ffn import Ffn, concat, weighted_average
+from edgeconv.families.ffn import MAX_ALIGN_WIDTH, Ffn, concat, weighted_average
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.output_dir import atomic_output_dir, finished_output, sha256_file, stage_key, write_manifest
 from edgeconv.io.safetensors_writer import ShardedWriter, TensorSpec
@@ -51,7 +51,8 @@ def dense_width(family: MoEFamily, plan: Plan) -> int:
     return max(widths)
 
 
-def layer_ffn(ckpt: Checkpoint, family: MoEFamily, layer: int, lp: LayerPlan | None, width: int) -> Ffn:
+def layer_ffn(ckpt: Checkpoint, family: MoEFamily, layer: int, lp: LayerPlan | None, width: int,
+              align: bool = True) -> Ffn:
     """The dense FFN of one layer: merged, scaled groups (+ shared expert), zero-padded to `width`.
 
     Merging averages in fp32 and rounds once; a single-expert group is only scaled, in its own dtype
@@ -67,7 +68,8 @@ def layer_ffn(ckpt: Checkpoint, family: MoEFamily, layer: int, lp: LayerPlan | N
             continue
         experts = [family.read_expert(ckpt, layer, e) for e in group.experts]
         dtype = experts[0].gate.dtype
-        merged = weighted_average([x.float() for x in experts], group.weights).scaled(scale)
+        aligned = align and family.expert_width <= MAX_ALIGN_WIDTH
+        merged = weighted_average([x.float() for x in experts], group.weights, aligned).scaled(scale)
         blocks.append(Ffn(*(t.to(dtype) if t is not None else None for t in merged._parts())))
         del experts, merged
     shared = family.read_shared(ckpt, layer)
@@ -162,7 +164,8 @@ def assemble(
                     elif kind == "zero":
                         tensors = {group[0].name: torch.zeros(group[0].shape, dtype=group[0].dtype)}
                     else:
-                        ffn = layer_ffn(ckpt, family, layer, plans_by_layer.get(layer), width)
+                        ffn = layer_ffn(ckpt, family, layer, plans_by_layer.get(layer), width,
+                                        plan.alignment == "weight-matching")
                         tensors = family.dense_ffn_tensors(layer, ffn)
                         del ffn
                     for spec in group:
@@ -201,4 +204,6 @@ def _summary(ckpt: Checkpoint, family: MoEFamily, plan: Plan, width: int, specs:
         "source_params": source_params,
         "dense_params": dense_params,
         "zero_padded_neurons": padded,
+        "merged_groups": sum(len(g.experts) > 1 for lp in plan.layers for g in lp.groups),
+        "alignment": plan.alignment if family.expert_width <= MAX_ALIGN_WIDTH else "none (experts too wide)",
     }

@@ -297,5 +297,37 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
                   f"{s['dense_params'] / 1e6:,.2f} M params from {s['source_params'] / 1e6:,.2f} M)")
 
 
+@main.command()
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True)
+@click.option("--quant", default="Q4_K_M", show_default=True,
+              help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (quantized by llama.cpp itself).")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+@click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if it cannot be detected.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export(model, fmt, quant, out_path, tokenizer_pre, force):
+    """Export a dense student or a MoE teacher to GGUF (llama.cpp), checked against torch first.
+
+    The artifact is published only if its logits match the torch model's within the tolerance of its
+    type (see the README's parity table); NAME.parity.json, an Ollama NAME.Modelfile and a model card
+    NAME.md are written beside it. The real per-tensor type mix is reported: k-quants silently fall back
+    to other types for tensors whose input width is not a multiple of 256.
+    """
+    if fmt != "gguf":
+        raise EdgeconvError("ONNX export is not implemented yet", "use --format gguf")
+    from edgeconv.stages.export_gguf import export_gguf
+
+    result = export_gguf(model, out_path, quant, force=force, tokenizer_pre=tokenizer_pre)
+    p = result.parity
+    console.print(f"wrote {result.path}: {result.info['architecture']} {quant}; types {result.type_mix}")
+    outliers = (f", {p.positions_over_tolerance} of {p.positions} positions beyond tolerance (routing near-ties)"
+                if p.positions_over_tolerance else "")
+    console.print(f"parity vs torch: max |diff| {p.max_abs_diff:.3g} ({p.rel_diff:.2e} of the largest logit{outliers}), "
+                  f"top-1 {p.top1_agreement:.1%}, perplexity ratio {p.ppl_ratio:.4f} - passed")
+    if result.fallbacks:
+        console.print(f"[yellow]warning:[/yellow] {len(result.fallbacks)} tensors are not k-quants "
+                      f"(input width not a multiple of 256): {', '.join(result.fallbacks[:6])}...")
+
+
 if __name__ == "__main__":
     main()

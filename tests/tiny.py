@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 E = 8  # experts per MoE layer in every tiny model
 
 COMMON = dict(
-    vocab_size=96,
+    vocab_size=384,
     hidden_size=32,
     num_hidden_layers=2,
     num_attention_heads=4,
@@ -38,7 +38,9 @@ def tiny_config(arch: str, top_k: int = 2):
         return tf.MixtralConfig(**COMMON, head_dim=8, intermediate_size=16, num_local_experts=E,
                                 num_experts_per_tok=top_k)
     if arch == "OlmoeForCausalLM":
-        return tf.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=E, num_experts_per_tok=top_k)
+        # No GQA, as in the released OLMoE (llama.cpp's olmoe sizes k-norm by the full width).
+        return tf.OlmoeConfig(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=16, num_experts=E,
+                              num_experts_per_tok=top_k)
     if arch == "DeepseekV2ForCausalLM":
         return tf.DeepseekV2Config(**{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16,
                                    n_routed_experts=E, n_shared_experts=2, num_experts_per_tok=top_k,
@@ -135,8 +137,9 @@ CORPUS = (
 )
 
 
-def add_tokenizer(path: Path, vocab_size: int = 96) -> Path:
-    """A byte-level BPE trained here on CORPUS, saved next to the weights (vocab fits the tiny models)."""
+def add_tokenizer(path: Path, vocab_size: int = 384) -> Path:
+    """A byte-level BPE trained here on CORPUS, saved next to the weights (vocab fits the tiny models):
+    all 256 byte symbols (so any text tokenizes the same in llama.cpp), <eos>, and merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -144,7 +147,7 @@ def add_tokenizer(path: Path, vocab_size: int = 96) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60])
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS] * 10, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
     return path

@@ -1,0 +1,120 @@
+"""Per-architecture GGUF knowledge: which llama.cpp architecture a HF class becomes, its metadata keys,
+and the few tensor transforms llama.cpp expects. Tensor names come from gguf-py's own map
+(`gguf.get_tensor_name_map`); experts stored per expert (or fused) are stacked into `ffn_*_exps` here, once,
+for every family, through the family adapters that already read every on-disk layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import gguf
+import torch
+
+from edgeconv.errors import EdgeconvError
+from edgeconv.families.base import FAMILIES
+
+
+def permute_for_llama_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF Llama/Mistral q/k rows are laid out for rotate-half RoPE; llama.cpp's llama arch rotates adjacent
+    pairs, so each head's rows are interleaved (the same permutation llama.cpp's converter applies)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _common(w: gguf.GGUFWriter, c: dict) -> None:
+    w.add_context_length(int(c["max_position_embeddings"]))
+    w.add_embedding_length(int(c["hidden_size"]))
+    w.add_block_count(int(c["num_hidden_layers"]))
+    w.add_head_count(int(c["num_attention_heads"]))
+    w.add_head_count_kv(int(c.get("num_key_value_heads") or c["num_attention_heads"]))
+    head_dim = int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    w.add_key_length(head_dim)  # written explicitly: llama.cpp would otherwise derive hidden / heads
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(c.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6)))
+    scaling = c.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+    elif kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind not in (None, "default"):
+        raise EdgeconvError(f"rope scaling {kind!r} is not supported by the GGUF exporter", "export without it or to ONNX")
+
+
+def _moe(w: gguf.GGUFWriter, c: dict, experts_key: str, width_key: str) -> None:
+    w.add_expert_count(int(c[experts_key]))
+    w.add_expert_used_count(int(c["num_experts_per_tok"]))
+    w.add_expert_feed_forward_length(int(c[width_key]))
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    arch: gguf.MODEL_ARCH
+    metadata: Callable[[gguf.GGUFWriter, dict], None]
+    moe: bool = False  # experts are stacked through the family adapter
+    permute_qk: bool = False
+
+    @property
+    def name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.arch]
+
+
+def _dense(w, c):
+    _common(w, c)
+    w.add_feed_forward_length(int(c["intermediate_size"]))
+
+
+def _qwen3moe(w, c):
+    _common(w, c)
+    _moe(w, c, "num_experts", "moe_intermediate_size")
+    w.add_expert_weights_norm(bool(c.get("norm_topk_prob", False)))
+
+
+def _qwen2moe(w, c):
+    _common(w, c)
+    _moe(w, c, "num_experts", "moe_intermediate_size")
+    w.add_expert_shared_feed_forward_length(int(c["shared_expert_intermediate_size"]))
+
+
+def _mixtral(w, c):
+    _common(w, c)
+    w.add_feed_forward_length(int(c["intermediate_size"]))
+    w.add_expert_count(int(c["num_local_experts"]))
+    w.add_expert_used_count(int(c["num_experts_per_tok"]))
+
+
+def _olmoe(w, c):
+    _common(w, c)
+    w.add_feed_forward_length(int(c["intermediate_size"]))
+    _moe(w, c, "num_experts", "intermediate_size")
+
+
+ARCHS: dict[str, GgufArch] = {
+    "Qwen3ForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN3, _dense),
+    "Qwen3MoeForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN3MOE, _qwen3moe, moe=True),
+    "Qwen2ForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN2, _dense),
+    "Qwen2MoeForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN2MOE, _qwen2moe, moe=True),
+    "MistralForCausalLM": GgufArch(gguf.MODEL_ARCH.LLAMA, _dense, permute_qk=True),
+    "MixtralForCausalLM": GgufArch(gguf.MODEL_ARCH.LLAMA, _mixtral, moe=True, permute_qk=True),
+    "OlmoeForCausalLM": GgufArch(gguf.MODEL_ARCH.OLMOE, _olmoe, moe=True),
+}
+
+
+def gguf_arch_for(config: dict) -> GgufArch:
+    arch = (config.get("architectures") or ["<none>"])[0]
+    if arch not in ARCHS:
+        raise EdgeconvError(
+            f"GGUF export does not support {arch}",
+            f"supported: {', '.join(sorted(ARCHS))}; export it to ONNX instead",
+        )
+    return ARCHS[arch]
+
+
+def family_adapter(config: dict):
+    """The family adapter used to read experts, also for single-expert outputs (OLMoE, GPT-OSS)."""
+    return FAMILIES.get(config["architectures"][0])(config)

@@ -1,0 +1,138 @@
+"""Parity of an exported artifact against the torch model it came from, with tolerances in one table.
+
+Compared on a fixed prompt set: max |logit difference| (absolute, and relative to the largest |logit|),
+checked per position: a dense model must keep every position within tolerance; a routed (MoE) model may
+have up to `ROUTED_OUTLIER_SHARE` of positions beyond it, because when two experts' router scores nearly
+tie, a different summation order picks the other expert and that one position moves a lot (seen here:
+one OLMoE position off by 0.42 while all others were within 0.004),
+top-1 agreement on positions where torch's top-1 is decisive (its margin over the runner-up exceeds the
+largest difference seen, so a near-tie flipping is not counted as a disagreement), and the ratio of the
+artifact's perplexity on the prompts to torch's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from edgeconv.errors import EdgeconvError
+
+# Tolerances per format and quantization. rel_diff: max |diff| / max |torch logit| (llama.cpp's and ORT's
+# kernels sum in another order: 1.5e-3 was seen at logits near 2.7 in F32). top1: agreement on decisive
+# positions. ppl: |ppl_artifact / ppl_torch - 1|. None: not checked for that type.
+TOLERANCES: dict[str, dict[str, float | None]] = {
+    "gguf:F32": {"rel_diff": 1e-2, "top1": 0.99, "ppl": 0.01},
+    "gguf:F16": {"rel_diff": 3e-2, "top1": 0.99, "ppl": 0.01},
+    "gguf:BF16": {"rel_diff": 5e-2, "top1": 0.98, "ppl": 0.02},
+    "gguf:Q8_0": {"rel_diff": None, "top1": 0.97, "ppl": 0.02},
+    "gguf:Q6_K": {"rel_diff": None, "top1": 0.95, "ppl": 0.03},
+    "gguf:Q5_K_M": {"rel_diff": None, "top1": 0.93, "ppl": 0.04},
+    "gguf:Q4_K_M": {"rel_diff": None, "top1": 0.90, "ppl": 0.05},
+    "gguf:Q4_0": {"rel_diff": None, "top1": 0.85, "ppl": 0.08},
+    "onnx:fp32": {"rel_diff": 1e-3, "top1": 0.99, "ppl": 0.005},
+    "onnx:fp16": {"rel_diff": 3e-2, "top1": 0.99, "ppl": 0.01},
+    "onnx:int8": {"rel_diff": None, "top1": 0.90, "ppl": 0.05},
+    "onnx:int4": {"rel_diff": None, "top1": 0.85, "ppl": 0.08},
+}
+
+ROUTED_OUTLIER_SHARE = 0.02
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    "12 + 34 = 46. The capital of France is Paris. Water boils at 100 degrees Celsius.",
+]
+
+
+@dataclass
+class Parity:
+    kind: str
+    routed: bool
+    max_abs_diff: float
+    positions: int
+    positions_over_tolerance: int
+    max_abs_logit: float
+    rel_diff: float
+    top1_agreement: float
+    decisive_positions: int
+    ppl_torch: float
+    ppl_artifact: float
+    ppl_ratio: float
+    tolerance: dict
+    passed: bool
+    failures: list[str]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
+    x = torch.from_numpy(logits[:-1]).double()
+    target = torch.tensor(ids[1:])
+    return float(torch.nn.functional.cross_entropy(x, target, reduction="sum")), len(ids) - 1
+
+
+def compare(kind: str, reference: list[np.ndarray], artifact: list[np.ndarray], token_ids: list[list[int]],
+            routed: bool = False) -> Parity:
+    if kind not in TOLERANCES:
+        raise EdgeconvError(f"no parity tolerance for {kind}", f"known: {', '.join(TOLERANCES)}")
+    tol = TOLERANCES[kind]
+    max_diff = max(float(np.abs(r - a).max()) for r, a in zip(reference, artifact))
+    max_logit = max(float(np.abs(r).max()) for r in reference)
+    agree = decisive = 0
+    for r, a in zip(reference, artifact):
+        top2 = np.sort(r, axis=-1)[:, -2:]
+        mask = (top2[:, 1] - top2[:, 0]) > max_diff
+        decisive += int(mask.sum())
+        agree += int((r.argmax(-1) == a.argmax(-1))[mask].sum())
+    nll_r = nll_a = n = 0.0
+    for r, a, ids in zip(reference, artifact, token_ids):
+        lr, k = _nll(r, ids)
+        la, _ = _nll(a, ids)
+        nll_r, nll_a, n = nll_r + lr, nll_a + la, n + k
+    ppl_r, ppl_a = math.exp(nll_r / n), math.exp(nll_a / n)
+    top1 = agree / decisive if decisive else 1.0
+    rel = max_diff / max(max_logit, 1e-12)
+    per_position = np.concatenate([np.abs(r - a).max(-1) for r, a in zip(reference, artifact)])
+    over = 0
+    failures = []
+    if tol["rel_diff"] is not None:
+        over = int((per_position > tol["rel_diff"] * max_logit).sum())
+        allowed = int(ROUTED_OUTLIER_SHARE * len(per_position)) if routed else 0
+        if over > allowed:
+            failures.append(
+                f"max |diff| {max_diff:.3g} is {rel:.2e} of the largest logit (tolerance {tol['rel_diff']:.0e}) "
+                f"at {over} of {len(per_position)} positions ({allowed} allowed)"
+            )
+    if top1 < tol["top1"]:
+        failures.append(f"top-1 agreement {top1:.1%} < {tol['top1']:.0%} on {decisive} decisive positions")
+    if abs(ppl_a / ppl_r - 1) > tol["ppl"]:
+        failures.append(f"perplexity ratio {ppl_a / ppl_r:.4f} is off by more than {tol['ppl']:.1%}")
+    return Parity(kind, routed, max_diff, len(per_position), over, max_logit, rel, top1, decisive, ppl_r, ppl_a,
+                  ppl_a / ppl_r, tol, not failures, failures)
+
+
+def torch_logits(model_dir, token_ids: list[list[int]]) -> list[np.ndarray]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in token_ids:
+            out.append(model(torch.tensor([ids])).logits[0].float().numpy())
+    return out
+
+
+def prompt_ids(tokenizer, prompts: list[str] = PROMPTS, max_len: int = 64) -> list[list[int]]:
+    ids = []
+    for p in prompts:
+        toks = tokenizer(p, add_special_tokens=False)["input_ids"][:max_len]
+        if len(toks) >= 2:
+            ids.append(toks)
+    if not ids:
+        raise EdgeconvError("the parity prompts tokenize to nothing", "check the tokenizer")
+    return ids

@@ -1,0 +1,131 @@
+"""GGUF export: every family llama.cpp supports round-trips, loads in llama.cpp and matches torch."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import tiny
+from edgeconv.cli import main
+from edgeconv.errors import EdgeconvError
+from edgeconv.export import parity as parity_mod
+from edgeconv.families import family_for
+from edgeconv.simple_planner import simple_plan
+from edgeconv.stages.assemble import assemble
+from edgeconv.stages.export_gguf import export_gguf
+
+from test_bad_inputs import assert_error
+
+TEACHERS = ["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> checkpoint dir with tokenizer: MoE teachers and their assembled dense students."""
+    root = tmp_path_factory.mktemp("gguf-models")
+    out = {}
+    for arch in TEACHERS:
+        extra = {"mlp_only_layers": []} if arch == "Qwen2MoeForCausalLM" else {}  # llama.cpp: all layers MoE
+        src = tiny.add_tokenizer(tiny.save(tiny.build_model(arch, seed=3, **extra), root / arch))
+        out[arch] = src
+        dense = root / f"dense-{arch}"
+        assemble(src, simple_plan(family_for(tiny.config_of(src)), "ids:1,4"), dense, progress=False)
+        out[f"dense-{arch}"] = dense
+    return out
+
+
+@pytest.mark.parametrize("name", TEACHERS + [f"dense-{a}" for a in TEACHERS])
+def test_f32_round_trip_loads_and_matches_torch(name, models, tmp_path):
+    src = models[name]
+    result = export_gguf(src, tmp_path / f"{name}.gguf", "F32")
+    assert result.parity.passed and result.parity.top1_agreement == 1.0
+    reader = gguf.GGUFReader(result.path)
+    names = {t.name for t in reader.tensors}
+    config = tiny.config_of(src)
+    n_layers = config["num_hidden_layers"]
+    per_layer = {n.split(".", 2)[2] for n in names if n.startswith("blk.0.")}
+    assert {n for n in names if n.startswith("blk.")} == {f"blk.{i}.{p}" for i in range(n_layers) for p in per_layer}
+    assert {"token_embd.weight", "output_norm.weight", "output.weight"} <= names
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    exps = [t for t in reader.tensors if t.name == "blk.0.ffn_gate_exps.weight"]
+    if name in TEACHERS:
+        assert exps and list(exps[0].shape) == [config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"], experts]
+    # Header keys llama.cpp would otherwise guess.
+    arch = reader.fields["general.architecture"].contents()
+    assert reader.fields[f"{arch}.attention.key_length"].contents() == config.get("head_dim", 8)
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    saved = json.loads((tmp_path / f"{name}.parity.json").read_text())
+    assert saved["passed"] and saved["format"] == "gguf" and saved["sha256"]
+    assert (tmp_path / f"{name}.Modelfile").read_text().startswith("# Ollama")
+    assert "parity vs torch" in (tmp_path / f"{name}.md").read_text()
+
+
+def test_quantized_types_and_their_real_mix(models, tmp_path):
+    src = models["dense-Qwen3MoeForCausalLM"]
+    f16 = export_gguf(src, tmp_path / "f16.gguf", "F16")
+    assert f16.type_mix.get("F16", 0) > 0 and f16.parity.passed
+    q8 = export_gguf(src, tmp_path / "q8.gguf", "Q8_0")
+    assert q8.type_mix.get("Q8_0", 0) > 0
+    # hidden 32 is not a multiple of 256: Q4_K_M silently falls back for every matrix, and we say so.
+    q4 = export_gguf(src, tmp_path / "q4.gguf", "Q4_K_M")
+    assert q4.fallbacks and "Q4_K" not in q4.type_mix
+    report = json.loads((tmp_path / "q4.parity.json").read_text())
+    assert report["k_quant_fallbacks"] == q4.fallbacks and "fell back" in (tmp_path / "q4.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def wide_dense(tmp_path_factory):
+    """A dense Qwen3 student whose widths are multiples of 256, so every k-quant applies."""
+    root = tmp_path_factory.mktemp("wide")
+    src = tiny.build_model("Qwen3MoeForCausalLM", seed=4, hidden_size=256, moe_intermediate_size=256, head_dim=64,
+                           num_hidden_layers=2)
+    src = tiny.add_tokenizer(tiny.save(src, root / "moe"))
+    assemble(src, simple_plan(family_for(tiny.config_of(src))), root / "dense", progress=False)
+    return root / "dense"
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q6_K"])
+def test_k_quants_apply_at_multiples_of_256(wide_dense, tmp_path, quant):
+    result = export_gguf(wide_dense, tmp_path / f"{quant}.gguf", quant)
+    assert result.fallbacks == []
+    assert result.type_mix.get(quant[:4], 0) > 0 or result.type_mix.get("Q6_K", 0) > 0
+    assert result.parity.passed and abs(result.parity.ppl_ratio - 1) <= 0.05
+
+
+def test_failing_parity_fails_the_export(models, tmp_path, monkeypatch):
+    real = parity_mod.torch_logits
+
+    def off(model_dir, ids):
+        return [x + np.random.default_rng(0).normal(0, 1.0, x.shape).astype(np.float32) for x in real(model_dir, ids)]
+
+    monkeypatch.setattr("edgeconv.stages.export_gguf.torch_logits", off)
+    with pytest.raises(EdgeconvError, match="failed its parity check"):
+        export_gguf(models["dense-Qwen3MoeForCausalLM"], tmp_path / "bad.gguf", "F32")
+    assert not (tmp_path / "bad.gguf").exists()
+    assert json.loads((tmp_path / "bad.parity-failed.json").read_text())["passed"] is False
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.parity-failed.json"]
+
+
+def test_bad_export_inputs(models, tmp_path):
+    src = models["dense-Qwen3MoeForCausalLM"]
+
+    def run(*args):
+        return CliRunner().invoke(main, ["export", *map(str, args)])
+
+    assert_error(run(src, "--quant", "Q3_X", "--out", tmp_path / "a.gguf"), "unknown GGUF quantization", "Q4_K_M")
+    foo = tmp_path / "foo"
+    foo.mkdir()
+    config = tiny.config_of(src) | {"architectures": ["FooForCausalLM"]}
+    (foo / "config.json").write_text(json.dumps(config))
+    for f in src.iterdir():
+        if f.suffix == ".safetensors" or f.name.startswith("tokenizer") or f.name.endswith("index.json"):
+            (foo / f.name).write_bytes(f.read_bytes())
+    assert_error(run(foo, "--quant", "F16", "--out", tmp_path / "b.gguf"), "does not support FooForCausalLM", "ONNX")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_error(run(src, "--quant", "F16", "--out", blocker / "c.gguf"), "cannot write")
+    (tmp_path / "d.gguf").write_text("old")
+    assert_error(run(src, "--quant", "F16", "--out", tmp_path / "d.gguf"), "exists", "--force")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gguf", "file", "foo"]  # nothing partial left

@@ -12,13 +12,19 @@ from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import parity as parity_mod
 from edgeconv.families import family_for
+from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.simple_planner import simple_plan
 from edgeconv.stages.assemble import assemble
 from edgeconv.stages.export_gguf import export_gguf
 
 from test_bad_inputs import assert_error
 
-TEACHERS = ["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM"]
+TEACHERS = tiny.ARCHS
+# llama.cpp implements YaRN only with a truncated correction range (see test_gguf_refuses_what_llama_cpp_cannot_run).
+GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+                "original_max_position_embeddings": 4096}
+OVERRIDES = {"Qwen2MoeForCausalLM": {"mlp_only_layers": []},  # llama.cpp's qwen2moe: every layer MoE
+             "GptOssForCausalLM": {"rope_scaling": GPT_OSS_YARN}}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +33,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-models")
     out = {}
     for arch in TEACHERS:
-        extra = {"mlp_only_layers": []} if arch == "Qwen2MoeForCausalLM" else {}  # llama.cpp: all layers MoE
-        src = tiny.add_tokenizer(tiny.save(tiny.build_model(arch, seed=3, **extra), root / arch))
+        src = tiny.add_tokenizer(tiny.save(tiny.build_model(arch, seed=3, **OVERRIDES.get(arch, {})), root / arch))
         out[arch] = src
         dense = root / f"dense-{arch}"
         assemble(src, simple_plan(family_for(tiny.config_of(src)), "ids:1,4"), dense, progress=False)
@@ -45,16 +50,26 @@ def test_f32_round_trip_loads_and_matches_torch(name, models, tmp_path):
     names = {t.name for t in reader.tensors}
     config = tiny.config_of(src)
     n_layers = config["num_hidden_layers"]
-    per_layer = {n.split(".", 2)[2] for n in names if n.startswith("blk.0.")}
-    assert {n for n in names if n.startswith("blk.")} == {f"blk.{i}.{p}" for i in range(n_layers) for p in per_layer}
+    by_layer = [{n.split(".", 2)[2] for n in names if n.startswith(f"blk.{i}.")} for i in range(n_layers)]
+    kinds = {frozenset(s) for s in by_layer}  # all layers alike, or dense and MoE layers each alike
+    assert len(kinds) == (2 if name == "DeepseekV2ForCausalLM" else 1)
+    # Every HF tensor is accounted for: per-expert tensors become one stacked tensor per projection.
+    ckpt = Checkpoint(src)
+    kept = [n for n in ckpt.names() if ".experts." not in n]
+    split = sum(n.endswith("kv_b_proj.weight") for n in ckpt.names())  # MLA: k_b and v_b
+    expected = len(kept) + split
+    moe_layers = sum(any("ffn_gate_exps" in p for p in s) for s in by_layer)
+    per_moe_layer = 6 if "GptOss" in name else 3
+    assert len(names) == expected + moe_layers * per_moe_layer
     assert {"token_embd.weight", "output_norm.weight", "output.weight"} <= names
     experts = config.get("num_experts") or config.get("num_local_experts")
     exps = [t for t in reader.tensors if t.name == "blk.0.ffn_gate_exps.weight"]
-    if name in TEACHERS:
+    if name in TEACHERS and name != "DeepseekV2ForCausalLM":  # its layer 0 is dense
         assert exps and list(exps[0].shape) == [config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"], experts]
     # Header keys llama.cpp would otherwise guess.
     arch = reader.fields["general.architecture"].contents()
-    assert reader.fields[f"{arch}.attention.key_length"].contents() == config.get("head_dim", 8)
+    if arch != "deepseek2":  # MLA writes its compressed widths instead (checked by llama.cpp loading it)
+        assert reader.fields[f"{arch}.attention.key_length"].contents() == config.get("head_dim", 8)
     assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
     saved = json.loads((tmp_path / f"{name}.parity.json").read_text())
     assert saved["passed"] and saved["format"] == "gguf" and saved["sha256"]
@@ -129,3 +144,17 @@ def test_bad_export_inputs(models, tmp_path):
     (tmp_path / "d.gguf").write_text("old")
     assert_error(run(src, "--quant", "F16", "--out", tmp_path / "d.gguf"), "exists", "--force")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gguf", "file", "foo"]  # nothing partial left
+
+
+def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
+    """Checked before writing anything: each of these loads in llama.cpp but would not match torch, or not load."""
+    cases = {
+        "yarn": ("GptOssForCausalLM", {}, "truncate=false"),  # GPT-OSS's own default rope scaling
+        "lite": ("DeepseekV2ForCausalLM", {"q_lora_rank": None}, "27 layers"),
+        "dense-layer": ("Qwen2MoeForCausalLM", {"mlp_only_layers": [0]}, "needs every layer to be MoE"),
+    }
+    for name, (arch, extra, phrase) in cases.items():
+        src = tiny.add_tokenizer(tiny.save(tiny.build_model(arch, **extra), tmp_path / name))
+        with pytest.raises(EdgeconvError, match=phrase):
+            export_gguf(src, tmp_path / "out" / f"{name}.gguf", "F16")
+    assert list((tmp_path / "out").iterdir()) == []

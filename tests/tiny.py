@@ -44,7 +44,7 @@ def tiny_config(arch: str, top_k: int = 2):
     if arch == "DeepseekV2ForCausalLM":
         return tf.DeepseekV2Config(**{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16,
                                    n_routed_experts=E, n_shared_experts=2, num_experts_per_tok=top_k,
-                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
                                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, head_dim=4,
                                    routed_scaling_factor=2.0, topk_method="greedy", n_group=1, topk_group=1)
     if arch == "GptOssForCausalLM":

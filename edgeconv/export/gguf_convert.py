@@ -42,7 +42,7 @@ def _items(ckpt: Checkpoint, spec: GgufArch) -> list[Item]:
     config = ckpt.config
     tmap = gguf.get_tensor_name_map(spec.arch, int(config["num_hidden_layers"]))
     family = family_adapter(config) if spec.moe else None
-    if family is not None and len(family.moe_layers()) != family.num_layers:
+    if family is not None and not spec.split_kv_b and len(family.moe_layers()) != family.num_layers:
         dense = sorted(set(range(family.num_layers)) - set(family.moe_layers()))
         raise EdgeconvError(
             f"llama.cpp's {spec.name} needs every layer to be MoE, but layers {dense} of this checkpoint are dense",
@@ -57,7 +57,11 @@ def _items(ckpt: Checkpoint, spec: GgufArch) -> list[Item]:
             continue  # stacked below
         if name.endswith("rotary_emb.inv_freq"):
             continue
-        gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if spec.split_kv_b and name.endswith("kv_b_proj.weight"):
+            items.extend(_split_kv_b(ckpt, name, tmap))
+            continue
+        lookup = name + ".weight" if name.endswith("self_attn.sinks") else name  # GPT-OSS sinks have no suffix
+        gname = tmap.get_name(lookup, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise EdgeconvError(f"tensor {name} has no {spec.name} GGUF name", "this checkpoint layout is not supported for GGUF")
         produce = lambda n=name: ckpt.read(n)  # noqa: E731
@@ -70,24 +74,46 @@ def _items(ckpt: Checkpoint, spec: GgufArch) -> list[Item]:
     return items
 
 
+def _split_kv_b(ckpt: Checkpoint, name: str, tmap) -> list[Item]:
+    """MLA's kv_b_proj [heads * (nope + v), rank] as llama.cpp wants it: k_b [heads, rank, nope], v_b [heads, v, rank]."""
+    c = ckpt.config
+    heads, nope, v = int(c["num_attention_heads"]), int(c["qk_nope_head_dim"]), int(c["v_head_dim"])
+    rank = int(c["kv_lora_rank"])
+
+    def part(which: str) -> torch.Tensor:
+        kv_b = ckpt.read(name).view(heads, nope + v, rank)
+        k_b, v_b = torch.split(kv_b, [nope, v], dim=1)
+        return k_b.transpose(1, 2).contiguous() if which == "k" else v_b.contiguous()
+
+    return [
+        Item(tmap.get_name(name.replace("kv_b_proj", "k_b_proj"), try_suffixes=(".weight",)), (heads, rank, nope),
+             lambda: part("k")),
+        Item(tmap.get_name(name.replace("kv_b_proj", "v_b_proj"), try_suffixes=(".weight",)), (heads, v, rank),
+             lambda: part("v")),
+    ]
+
+
 def _expert_items(ckpt: Checkpoint, family, tmap) -> list[Item]:
-    """ffn_{gate,up,down}_exps per MoE layer: [E, I, H], [E, I, H], [E, H, I], read once per layer."""
+    """ffn_{gate,up,down}_exps per MoE layer: [E, I, H], [E, I, H], [E, H, I] (+ biases [E, I], [E, H] where
+    the family has them), each layer's experts read once and every part freed once written."""
     items = []
     hidden, width, n = family.hidden_size, family.expert_width, family.num_experts
+    parts = [("gate", "gate_proj", "weight", (n, width, hidden)), ("up", "up_proj", "weight", (n, width, hidden)),
+             ("down", "down_proj", "weight", (n, hidden, width))]
+    if getattr(family, "has_ffn_bias", False):
+        parts += [("gate_bias", "gate_proj", "bias", (n, width)), ("up_bias", "up_proj", "bias", (n, width)),
+                  ("down_bias", "down_proj", "bias", (n, hidden))]
     for layer in family.moe_layers():
         cache: dict[str, torch.Tensor] = {}
 
         def stacked(part: str, layer=layer, cache=cache) -> torch.Tensor:
-            if part not in cache:
-                cache.clear()
+            if not cache:
                 experts = [family.read_expert(ckpt, layer, e) for e in range(n)]
-                cache.update(gate=torch.stack([x.gate for x in experts]), up=torch.stack([x.up for x in experts]),
-                             down=torch.stack([x.down for x in experts]))
+                cache.update({p: torch.stack([getattr(x, p) for x in experts]) for p, *_ in parts})
             return cache.pop(part)  # each part is written once; popping frees it
 
-        for part, proj, shape in (("gate", "gate_proj", (n, width, hidden)), ("up", "up_proj", (n, width, hidden)),
-                                  ("down", "down_proj", (n, hidden, width))):
-            gname = tmap.get_name(f"model.layers.{layer}.mlp.experts.{proj}.weight", try_suffixes=(".weight",))
+        for part, proj, kind, shape in parts:
+            gname = tmap.get_name(f"model.layers.{layer}.mlp.experts.{proj}.{kind}", try_suffixes=(f".{kind}",))
             items.append(Item(gname, shape, lambda p=part, f=stacked: f(p)))
     return items
 

@@ -36,6 +36,9 @@ TOLERANCES: dict[str, dict[str, float | None]] = {
     "onnx:fp16": {"rel_diff": 3e-2, "top1": 0.99, "ppl": 0.01},
     "onnx:int8": {"rel_diff": None, "top1": 0.90, "ppl": 0.05},
     "onnx:int4": {"rel_diff": None, "top1": 0.85, "ppl": 0.08},
+    "onnx-genai:fp32": {"rel_diff": 1e-3, "top1": 0.99, "ppl": 0.005},
+    "onnx-genai:fp16": {"rel_diff": 3e-2, "top1": 0.99, "ppl": 0.01},
+    "onnx-genai:int4": {"rel_diff": None, "top1": 0.85, "ppl": 0.08},
 }
 
 ROUTED_OUTLIER_SHARE = 0.02

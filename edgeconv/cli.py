@@ -299,25 +299,47 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
 
 @main.command()
 @click.argument("model")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default="gguf", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "onnx-genai"]), default="gguf", show_default=True,
+              help="gguf: llama.cpp / Ollama file. onnx: optimum-onnx directory for onnxruntime (teachers and "
+                   "students). onnx-genai: onnxruntime-genai model builder directory (dense students).")
 @click.option("--quant", default="Q4_K_M", show_default=True,
               help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (quantized by llama.cpp itself).")
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+@click.option("--precision", default=None, metavar="fp32|fp16|int8|int4",
+              help="ONNX precision. onnx: fp32 (default), fp16, int8 (dynamic, MatMul weights QInt8), int4 "
+                   "(MatMulNBits, block 32, symmetric). onnx-genai: int4 (default), fp32, fp16.")
+@click.option("--execution-provider", "provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnx-genai only: the execution provider the model is built for.")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="Output .gguf file (gguf) or directory (onnx, onnx-genai).")
 @click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if it cannot be detected.")
+@click.option("--imatrix-data", type=click.Path(path_type=Path), default=None,
+              help="GGUF: calibration text for an importance matrix that guides llama.cpp's quantizer.")
+@click.option("--imatrix-tokens", default=8192, show_default=True, help="Tokens of --imatrix-data to use.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def export(model, fmt, quant, out_path, tokenizer_pre, force):
-    """Export a dense student or a MoE teacher to GGUF (llama.cpp), checked against torch first.
+def export(model, fmt, quant, precision, provider, out_path, tokenizer_pre, imatrix_data, imatrix_tokens, force):
+    """Export a dense student or a MoE teacher to GGUF (llama.cpp) or ONNX, checked against torch first.
 
     The artifact is published only if its logits match the torch model's within the tolerance of its
-    type (see the README's parity table); NAME.parity.json, an Ollama NAME.Modelfile and a model card
-    NAME.md are written beside it. The real per-tensor type mix is reported: k-quants silently fall back
-    to other types for tensors whose input width is not a multiple of 256.
+    type (see the README's parity table). GGUF: NAME.parity.json, an Ollama NAME.Modelfile and a model card
+    NAME.md are written beside it; the real per-tensor type mix is reported (k-quants silently fall back
+    to other types for tensors whose input width is not a multiple of 256). ONNX: --out is a directory with
+    model.onnx (KV cache inputs/outputs), config, tokenizer, parity.json and manifest.json; with
+    --format onnx-genai it also holds genai_config.json and runs in onnxruntime-genai as is.
+
+    \b
+    Examples:
+      edgeconv export dense/ --format gguf --quant Q4_K_M --out dense-Q4_K_M.gguf
+      edgeconv export dense/ --format onnx --precision int8 --out dense-onnx-int8/
+      edgeconv export dense/ --format onnx-genai --precision int4 --execution-provider cpu --out dense-genai/
     """
-    if fmt != "gguf":
-        raise EdgeconvError("ONNX export is not implemented yet", "use --format gguf")
+    if fmt in ("onnx", "onnx-genai"):
+        return _export_onnx(model, fmt, precision, provider, out_path, force)
+    if precision is not None:
+        raise EdgeconvError("--precision is for ONNX exports", "for GGUF use --quant, e.g. --quant Q8_0")
     from edgeconv.stages.export_gguf import export_gguf
 
-    result = export_gguf(model, out_path, quant, force=force, tokenizer_pre=tokenizer_pre)
+    result = export_gguf(model, out_path, quant, force=force, tokenizer_pre=tokenizer_pre, imatrix_data=imatrix_data,
+                         imatrix_tokens=imatrix_tokens)
     p = result.parity
     console.print(f"wrote {result.path}: {result.info['architecture']} {quant}; types {result.type_mix}")
     outliers = (f", {p.positions_over_tolerance} of {p.positions} positions beyond tolerance (routing near-ties)"
@@ -328,6 +350,24 @@ def export(model, fmt, quant, out_path, tokenizer_pre, force):
         console.print(f"[yellow]warning:[/yellow] {len(result.fallbacks)} tensors are not k-quants "
                       f"(input width not a multiple of 256): {', '.join(result.fallbacks[:6])}...")
 
+
+def _export_onnx(model, fmt, precision, provider, out_path, force):
+    from edgeconv.stages.export_onnx import export_onnx, export_onnx_genai
+
+    if fmt == "onnx":
+        if provider != "cpu":
+            raise EdgeconvError("--execution-provider is for --format onnx-genai",
+                                "a --format onnx model runs on any onnxruntime provider as is")
+        result = export_onnx(model, out_path, precision or "fp32", force=force)
+    else:
+        result = export_onnx_genai(model, out_path, precision or "int4", execution_provider=provider, force=force)
+    p = result.parity
+    console.print(f"wrote {result.path}: {result.info['precision']}, "
+                  f"{human_bytes(result.info['total_bytes'])} in {len(result.files)} files")
+    outliers = (f", {p.positions_over_tolerance} of {p.positions} positions beyond tolerance (routing near-ties)"
+                if p.positions_over_tolerance else "")
+    console.print(f"parity vs torch: max |diff| {p.max_abs_diff:.3g} ({p.rel_diff:.2e} of the largest logit{outliers}), "
+                  f"top-1 {p.top1_agreement:.1%}, perplexity ratio {p.ppl_ratio:.4f} - passed")
 
 if __name__ == "__main__":
     main()

@@ -158,3 +158,17 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path):
         with pytest.raises(EdgeconvError, match=phrase):
             export_gguf(src, tmp_path / "out" / f"{name}.gguf", "F16")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_importance_matrix_guides_the_quantizer(wide_dense, tmp_path):
+    corpus = tiny.write_corpus(tmp_path / "calib.jsonl")
+    plain = export_gguf(wide_dense, tmp_path / "plain.gguf", "Q4_K_M")
+    guided = export_gguf(wide_dense, tmp_path / "guided.gguf", "Q4_K_M", imatrix_data=corpus, imatrix_tokens=1024)
+    assert guided.parity.passed
+    report = json.loads((tmp_path / "guided.parity.json").read_text())
+    assert report["imatrix"]["tensors"] >= 7 * 2  # q, k, v, o, gate, up, down in both layers
+    # Same weights, same type mix, different bytes: the importance vectors changed the rounding choices.
+    assert guided.type_mix == plain.type_mix
+    assert (tmp_path / "guided.gguf").read_bytes() != (tmp_path / "plain.gguf").read_bytes()
+    with pytest.raises(EdgeconvError, match="applies to quantized types"):
+        export_gguf(wide_dense, tmp_path / "f16.gguf", "F16", imatrix_data=corpus)

@@ -24,16 +24,32 @@ K_QUANTS = {"Q6_K", "Q5_K_M", "Q4_K_M"}
 def _llama_cpp():
     try:
         import llama_cpp
+        from llama_cpp._logger import set_verbose
     except ImportError:
         raise EdgeconvError("llama-cpp-python is not installed", "pip install llama-cpp-python==0.3.36")
+    set_verbose(bool(os.environ.get("EDGECONV_LLAMA_VERBOSE")))  # llama.cpp's per-tensor log only on request
     return llama_cpp
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None) -> None:
+    """llama.cpp's quantizer; `imatrix` maps GGUF tensor names to float32 importance vectors."""
+    import ctypes
+
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
     params.nthread = threads or os.cpu_count() or 1
+    keep = []  # the C array points into these buffers: keep them alive during the call
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # null-terminated
+        for i, (name, vec) in enumerate(sorted(imatrix.items())):
+            buf = np.ascontiguousarray(vec.numpy() if hasattr(vec, "numpy") else vec, dtype=np.float32)
+            keep.append(buf)
+            entries[i].name = name.encode()
+            entries[i].data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = buf.size
+        keep.append(entries)
+        params.imatrix = entries
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise EdgeconvError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc})", "see llama.cpp's log above")

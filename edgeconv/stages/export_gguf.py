@@ -47,13 +47,16 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, force: bool = False,
-                tokenizer_pre: str | None = None, prompts: list[str] = PROMPTS) -> GgufExport:
+                tokenizer_pre: str | None = None, prompts: list[str] = PROMPTS, imatrix_data: Path | None = None,
+                imatrix_tokens: int = 8192) -> GgufExport:
     if quant not in GGUF_QUANTS:
         raise EdgeconvError(f"unknown GGUF quantization {quant!r}", f"use one of {', '.join(GGUF_QUANTS)}")
     out = Path(out).absolute()
     _check_out(out, force)
     ckpt = Checkpoint.open(model)
     gguf_arch_for(ckpt.config)  # unsupported architectures fail before any work
+    if imatrix_data is not None and quant in FLOAT_TYPES:
+        raise EdgeconvError(f"--imatrix-data applies to quantized types, not {quant}", "drop it or pick e.g. Q4_K_M")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.edgeconv-tmp-", dir=out.parent))
     try:
         staged = tmp / out.name
@@ -64,7 +67,13 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             source_dtype = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")
             base = "BF16" if source_dtype == "bfloat16" else "F32"
             info = write_gguf(ckpt.path, tmp / f"base-{base}.gguf", base, tokenizer_pre)
-            llamacpp.quantize(tmp / f"base-{base}.gguf", staged, quant)
+            imatrix = None
+            if imatrix_data is not None:
+                from edgeconv.export.imatrix import compute_imatrix
+
+                imatrix = compute_imatrix(ckpt.path, Path(imatrix_data), imatrix_tokens)
+                info["imatrix"] = {"data": str(imatrix_data), "tokens": imatrix_tokens, "tensors": len(imatrix)}
+            llamacpp.quantize(tmp / f"base-{base}.gguf", staged, quant, imatrix=imatrix)
             (tmp / f"base-{base}.gguf").unlink()
         types = llamacpp.tensor_types(staged)
         fallbacks = llamacpp.k_quant_fallbacks(types, quant)
@@ -78,6 +87,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             "edgeconv_version": __version__,
             "type_mix": llamacpp.type_mix(types),
             "k_quant_fallbacks": fallbacks,
+            "imatrix": info.get("imatrix"),
             **parity.as_dict(),
         }
         if not parity.passed:
@@ -150,6 +160,7 @@ def _card(ckpt: Checkpoint, quant: str, report: dict) -> str:
         f"- source checkpoint: `{ckpt.path}` ({(ckpt.config.get('architectures') or ['?'])[0]})",
         f"- edgeconv plan: {json.dumps(method) if method else 'none (not an edgeconv conversion)'}",
         f"- quantization: {quant}; tensor types actually stored: {mix}",
+        f"- importance matrix: {report['imatrix'] or 'none'}",
         f"- parity vs torch on {len(PROMPTS)} prompts: max |diff| {report['max_abs_diff']:.3g} "
         f"(largest logit {report['max_abs_logit']:.3g}), top-1 agreement {report['top1_agreement']:.1%}, "
         f"perplexity ratio {report['ppl_ratio']:.4f}",

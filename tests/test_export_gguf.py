@@ -94,8 +94,8 @@ def test_quantized_types_and_their_real_mix(models, tmp_path):
 def wide_dense(tmp_path_factory):
     """A dense Qwen3 student whose widths are multiples of 256, so every k-quant applies."""
     root = tmp_path_factory.mktemp("wide")
-    src = tiny.build_model("Qwen3MoeForCausalLM", seed=4, hidden_size=256, moe_intermediate_size=256, head_dim=64,
-                           num_hidden_layers=2)
+    src = tiny.build_model("Qwen3MoeForCausalLM", seed=4, weight_std=0.06, hidden_size=256, moe_intermediate_size=256,
+                           head_dim=64, num_hidden_layers=2)
     src = tiny.add_tokenizer(tiny.save(src, root / "moe"))
     assemble(src, simple_plan(family_for(tiny.config_of(src))), root / "dense", progress=False)
     return root / "dense"

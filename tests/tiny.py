@@ -64,8 +64,12 @@ ARCHS = [
 ]
 
 
-def build_model(arch: str, top_k: int = 2, uniform_router: bool = False, seed: int = 0, **overrides):
-    """A random model; with `uniform_router` every router (and Qwen2's shared-expert gate) is zeroed."""
+def build_model(arch: str, top_k: int = 2, uniform_router: bool = False, seed: int = 0, weight_std: float = 0.2,
+                **overrides):
+    """A random model; with `uniform_router` every router (and Qwen2's shared-expert gate) is zeroed.
+
+    Wide models want a smaller `weight_std`: at 0.2 a 256-wide model's logits reach +-15 and its perplexity
+    tens of thousands, where any rounding moves the perplexity by percents."""
     config = tiny_config(arch, top_k)
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -74,7 +78,7 @@ def build_model(arch: str, top_k: int = 2, uniform_router: bool = False, seed: i
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():
         for p in model.parameters():  # from_config leaves some tensors (e.g. GPT-OSS experts) at zero
-            p.copy_(torch.randn_like(p) * 0.2)
+            p.copy_(torch.randn_like(p) * weight_std)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))

@@ -7,35 +7,20 @@ calibration tokens), or, without calibration, 0.5 = sigmoid(0), the gate's value
 Qwen2 dense always has q/k/v biases; if the MoE was trained without them they are written as zeros.
 """
 
-import torch
-
-from edgeconv.families.base import MoEFamily, register
+from edgeconv.families.base import register
+from edgeconv.families.qwen3_moe import Qwen3Moe
 from edgeconv.families.layouts import PlainMlp
 from edgeconv.io.checkpoint import Checkpoint
 
 
 @register
-class Qwen2Moe(MoEFamily):
+class Qwen2Moe(Qwen3Moe):  # same MoE-layer rule and router; adds the gated shared expert
     moe_architecture = "Qwen2MoeForCausalLM"
     dense_architecture = "Qwen2ForCausalLM"
     dense_model_type = "qwen2"
     shared = PlainMlp("mlp.shared_expert")
-    moe_config_keys = (
-        "num_experts",
-        "num_experts_per_tok",
-        "moe_intermediate_size",
-        "shared_expert_intermediate_size",
-        "decoder_sparse_step",
-        "mlp_only_layers",
-        "norm_topk_prob",
-        "output_router_logits",
-        "router_aux_loss_coef",
-        "qkv_bias",
-    )
-
-    def is_moe_layer(self, layer: int) -> bool:
-        step = int(self.config.get("decoder_sparse_step") or 1)
-        return layer not in (self.config.get("mlp_only_layers") or []) and (layer + 1) % step == 0
+    moe_config_keys = Qwen3Moe.moe_config_keys + ("shared_expert_intermediate_size", "qkv_bias")
+    layer_returns_tuple = True
 
     @property
     def shared_width(self) -> int:
@@ -43,8 +28,6 @@ class Qwen2Moe(MoEFamily):
 
     def default_shared_scale(self) -> float:
         return 0.5
-
-    layer_returns_tuple = True
 
     def read_shared_gate(self, ckpt: Checkpoint, layer: int):
         return ckpt.read(f"{self.prefix(layer)}.mlp.shared_expert_gate.weight")

@@ -1,0 +1,151 @@
+"""Export ONNX: optimum-onnx (+ onnxruntime's quantizers) or onnxruntime-genai's model builder, check parity
+against torch, then (only then) publish the directory.
+
+`export_onnx` writes OUT/model.onnx (KV cache in and out, as optimum exports it), config.json, the tokenizer
+(told to produce input_ids and attention_mask only), parity.json and manifest.json. `export_onnx_genai`
+writes the builder's directory (model.onnx, model.onnx.data, genai_config.json, tokenizer) plus the same
+two JSON files; it runs in onnxruntime-genai directly. Everything is built in a hidden temp directory beside
+OUT and renamed into place when parity passes; a failed check leaves only OUT.parity-failed.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeconv import __version__
+from edgeconv.errors import EdgeconvError
+from edgeconv.export import onnx_export as ox
+from edgeconv.export.parity import PROMPTS, Parity, compare, prompt_ids, torch_logits
+from edgeconv.io.checkpoint import Checkpoint
+from edgeconv.io.output_dir import atomic_output_dir, check_can_write, sha256_file, stage_key, write_manifest
+
+
+@dataclass
+class OnnxExport:
+    path: Path
+    parity: Parity
+    files: dict[str, int]
+    info: dict
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.suffix == ".onnx":
+        raise EdgeconvError(f"--out {out} should be a directory", "ONNX exports are directories, e.g. --out model-onnx/")
+    try:
+        parent = out.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".edgeconv-probe-")
+        probe.close()
+    except OSError as exc:
+        raise EdgeconvError(f"cannot write to {out.parent} ({exc.strerror or exc})", "choose a writable --out")
+    check_can_write(out, force)
+
+
+def _sizes(directory: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(directory.iterdir()) if f.is_file()}
+
+
+def _publish(ckpt: Checkpoint, out: Path, tmp: Path, kind: str, stage: str, precision: str, parity: Parity,
+             extra: dict, force: bool) -> dict:
+    """Write parity.json (or OUT.parity-failed.json and raise) and the manifest into `tmp`."""
+    files = _sizes(tmp)
+    report = {
+        "artifact": out.name,
+        "format": stage,
+        "precision": precision,
+        "source": str(ckpt.path),
+        "edgeconv_version": __version__,
+        "files": files,
+        "total_bytes": sum(files.values()),
+        **extra,
+        **parity.as_dict(),
+    }
+    if not parity.passed:
+        failed = out.parent / f"{out.name}.parity-failed.json"
+        failed.write_text(json.dumps(report, indent=2) + "\n")
+        raise EdgeconvError(
+            f"{kind} {precision} export of {ckpt.path.name} failed its parity check: {'; '.join(parity.failures)}",
+            f"nothing was published; the measurements are in {failed}",
+        )
+    (out.parent / f"{out.name}.parity-failed.json").unlink(missing_ok=True)
+    (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+    entries = {name: {"bytes": size, "sha256": sha256_file(tmp / name)} for name, size in _sizes(tmp).items()}
+    options = {"precision": precision, **{k: v for k, v in extra.items() if k == "execution_provider"}}
+    inputs = {"model": str(ckpt.path), "fingerprint": ckpt.fingerprint}
+    write_manifest(tmp, stage, stage_key(stage, inputs, options), inputs, options, entries,
+                   {"precision": precision, "total_bytes": report["total_bytes"], "parity_passed": True})
+    return report
+
+
+def _reference(model_dir: Path, prompts: list[str]):
+    from transformers import AutoTokenizer
+
+    ids = prompt_ids(AutoTokenizer.from_pretrained(model_dir), prompts)
+    return ids, torch_logits(model_dir, ids)
+
+
+def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", *, force: bool = False,
+                prompts: list[str] = PROMPTS) -> OnnxExport:
+    """optimum-onnx export (fp32), then fp16 / dynamic int8 / int4 MatMulNBits, checked against torch."""
+    if precision not in ox.PRECISIONS:
+        raise EdgeconvError(f"unknown ONNX precision {precision!r}", f"use one of {', '.join(ox.PRECISIONS)}")
+    out = Path(out).absolute()
+    _check_out(out, force)
+    ckpt = Checkpoint.open(model)
+    try:
+        ox.check_onnx_supported(ckpt.config, str(ckpt.path))  # before any work
+        routed = ox.num_experts(ckpt.config) > 1
+        with atomic_output_dir(out, force=True) as tmp:
+            t0 = time.time()
+            ox.optimum_export(ckpt.path, tmp)
+            ox.fix_tokenizer_inputs(tmp)
+            conversion = ox.convert_precision(tmp / "model.onnx", precision)
+            seconds = time.time() - t0
+            ids, reference = _reference(ckpt.path, prompts)
+            parity = compare(f"onnx:{precision}", reference, ox.onnx_logits(tmp / "model.onnx", ids), ids, routed=routed)
+            extra = {"exporter": "optimum-onnx", "task": "text-generation-with-past",
+                     "model_type": ox.model_type_of(ckpt.config), "routed": routed, "conversion": conversion,
+                     "export_seconds": round(seconds, 2)}
+            report = _publish(ckpt, out, tmp, "ONNX", "onnx", precision, parity, extra, force)
+    finally:
+        ckpt.close()
+    return OnnxExport(out, parity, report["files"], report)
+
+
+def export_onnx_genai(model: str | Path, out: str | Path, precision: str = "int4", *, execution_provider: str = "cpu",
+                      force: bool = False, prompts: list[str] = PROMPTS) -> OnnxExport:
+    """onnxruntime-genai's model builder on a dense student, then parity through onnxruntime-genai itself."""
+    if precision not in ox.GENAI_PRECISIONS:
+        raise EdgeconvError(f"unknown precision {precision!r} for onnx-genai",
+                            f"use one of {', '.join(ox.GENAI_PRECISIONS)}")
+    if execution_provider not in ox.GENAI_PROVIDERS:
+        raise EdgeconvError(f"unknown execution provider {execution_provider!r}",
+                            f"use one of {', '.join(ox.GENAI_PROVIDERS)}")
+    out = Path(out).absolute()
+    _check_out(out, force)
+    ckpt = Checkpoint.open(model)
+    try:
+        ox.check_genai_supported(ckpt.config, str(ckpt.path))
+        with atomic_output_dir(out, force=True) as tmp:
+            cache = Path(tempfile.mkdtemp(prefix=f".{out.name}.genai-cache-", dir=out.parent))
+            try:
+                t0 = time.time()
+                ox.genai_build(ckpt.path, tmp, precision, execution_provider, cache)
+                seconds = time.time() - t0
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+            ox.fix_tokenizer_inputs(tmp)
+            ids, reference = _reference(ckpt.path, prompts)
+            artifact = ox.genai_logits(tmp, ids, execution_provider)
+            parity = compare(f"onnx-genai:{precision}", reference, artifact, ids)
+            extra = {"exporter": "onnxruntime_genai.models.builder", "execution_provider": execution_provider,
+                     "architecture": ckpt.config["architectures"][0], "export_seconds": round(seconds, 2)}
+            report = _publish(ckpt, out, tmp, "onnxruntime-genai", "onnx-genai", precision, parity, extra, force)
+    finally:
+        ckpt.close()
+    return OnnxExport(out, parity, report["files"], report)

@@ -241,7 +241,11 @@ def onnx_logits(model_path: Path, token_ids: list[list[int]]) -> list[np.ndarray
                          for d in spec.shape]
                 dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
                 feed[name] = np.zeros(shape, dtype=dtype)
-        logits = session.run(["logits"], feed)[0]
+        try:
+            logits = session.run(["logits"], feed)[0]
+        except Exception as exc:  # onnxruntime's errors are plain RuntimeErrors
+            raise EdgeconvError(f"the exported model fails in onnxruntime on a {n}-token prompt: {exc}",
+                                "nothing was published; report it with the model's config.json") from exc
         out.append(logits[0].astype(np.float32))
     return out
 
@@ -264,8 +268,12 @@ def genai_logits(model_dir: Path, token_ids: list[list[int]], provider: str = "c
     for ids in token_ids:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=min(len(ids) + 1, context))
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.array(ids, dtype=np.int32))
+        try:
+            generator = og.Generator(model, params)
+            generator.append_tokens(np.array(ids, dtype=np.int32))
+        except Exception as exc:
+            raise EdgeconvError(f"the built model fails in onnxruntime-genai on a {len(ids)}-token prompt: {exc}",
+                                "nothing was published") from exc
         out.append(np.array(generator.get_output("logits"))[0].astype(np.float32))
         del generator
     return out

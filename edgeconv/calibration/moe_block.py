@@ -44,14 +44,15 @@ class CalibratedMoeBlock:
             y = family.ffn_forward(self.experts[e], x[token_idx])
             g = weights[token_idx, slot]
             out.index_add_(0, token_idx, (y * (g * self.routed_scale).unsqueeze(1).to(y.dtype)))
-            norms = y.double().norm(dim=-1)
-            g = g.double()
+            # Per-batch sums in the compute dtype, accumulated across batches in float64: the precision that
+            # matters over 10^5+ tokens, without float64 copies of every expert output.
+            norms = y.norm(dim=-1)
             st.count[e] += len(token_idx)
-            st.weight_sum[e] += g.sum()
-            st.norm_sum[e] += norms.sum()
-            st.norm_sq_sum[e] += (norms**2).sum()
-            st.reap_sum[e] += (g * norms).sum()
-            st.out_sum[e] += y.double().sum(0)
+            st.weight_sum[e] += float(g.sum())
+            st.norm_sum[e] += float(norms.sum())
+            st.norm_sq_sum[e] += float((norms * norms).sum())
+            st.reap_sum[e] += float((g * norms).sum())
+            st.out_sum[e] += y.sum(0).double()
         self._gram(x)
         if self.shared is not None:
             shared_out = family.ffn_forward(self.shared, x)
@@ -60,13 +61,12 @@ class CalibratedMoeBlock:
                 st.shared_gate_sum += float(gate.double().sum())
                 shared_out = gate * shared_out
             out = out + shared_out
-        logits = logits.double()
-        st.logit_sum += logits.sum(0)
-        st.logit_sq_sum += (logits**2).sum(0)
+        st.logit_sum += logits.sum(0).double()
+        st.logit_sq_sum += (logits * logits).sum(0).double()
         st.tokens += x.shape[0]
         self.position += x.shape[0]
         out = out.reshape(shape)
-        return (out, logits.to(x.dtype)) if family.block_returns_tuple else out
+        return (out, logits) if family.block_returns_tuple else out
 
     def _gram(self, x: torch.Tensor) -> None:
         if self.gram_left <= 0:
@@ -76,7 +76,7 @@ class CalibratedMoeBlock:
         if not len(pick):
             return
         sample = x[pick]
-        outs = torch.stack([self.family.ffn_forward(ex, sample) for ex in self.experts]).double()  # [E, S, H]
-        self.stats.gram_sum += torch.einsum("esh,fsh->ef", outs, outs)
+        flat = torch.stack([self.family.ffn_forward(ex, sample) for ex in self.experts]).flatten(1)  # [E, S*H]
+        self.stats.gram_sum += (flat @ flat.t()).double()  # one matmul: ~8x faster than the float64 einsum
         self.stats.gram_tokens += len(pick)
         self.gram_left -= len(pick)

@@ -41,6 +41,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import WRAPPER, edgeconv_command  # noqa: E402  (shared with the other benchmarks)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MB = 1e6
@@ -247,31 +250,7 @@ def fmt_runs(xs: list[float]) -> str:
     return "[" + ", ".join(f"{x:.2f}" for x in xs) + "] s"
 
 
-def edgeconv_command() -> list[str]:
-    """The console script next to this interpreter (not a pyenv shim, which would add a bash process)."""
-    script = Path(sys.executable).parent / "edgeconv"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "edgeconv.cli"]
 
-
-# Runs argv[2:] as its only child and writes that child's wall time and rusage to argv[1]. A fresh, small
-# process is needed: on Linux a child's ru_maxrss starts at the RSS high-water mark of the process that
-# forked it (exec records the old mm's peak), so measured straight from this benchmark (which imported torch
-# and generated the checkpoint) a small command would report this process's peak instead of its own.
-WRAPPER = r"""
-import json, os, sys, time
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-with open(sys.argv[1], "w") as fh:
-    json.dump({"wall_s": wall, "maxrss_kib": ru.ru_maxrss, "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, fh)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
 
 
 def run_measured(cmd: list[str], log: Path, poll_s: float = 0.02) -> dict:

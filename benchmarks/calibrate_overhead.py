@@ -47,6 +47,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import WRAPPER, edgeconv_command  # noqa: E402  (shared with the other benchmarks)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MB = 1e6
@@ -233,24 +236,7 @@ def profile_calibrate(model_dir: str, data: str, tokens: int, seq_len: int, batc
 
 # --- measuring ----------------------------------------------------------------------------------------
 
-# Runs argv[2:] as its only child and writes that child's wall time and rusage to argv[1]. A fresh, small
-# process is needed: on Linux a child's ru_maxrss starts at the RSS high-water mark of the process that
-# forked it (see benchmarks/assemble_memory.py).
-WRAPPER = r"""
-import json, os, sys, time
-t0 = time.perf_counter()
-pid = os.fork()
-if pid == 0:
-    try:
-        os.execvp(sys.argv[2], sys.argv[2:])
-    finally:
-        os._exit(127)
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-with open(sys.argv[1], "w") as fh:
-    json.dump({"wall_s": wall, "maxrss_kib": ru.ru_maxrss, "user_s": ru.ru_utime, "sys_s": ru.ru_stime}, fh)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
+
 
 
 def busy_cpu_s() -> float:
@@ -277,11 +263,6 @@ def run_measured(cmd: list[str], log: Path) -> dict:
     other = max(0.0, busy - usage["user_s"] - usage["sys_s"])
     return {"wall_s": usage["wall_s"], "peak_rss_bytes": usage["maxrss_kib"] * 1024, "user_s": usage["user_s"],
             "sys_s": usage["sys_s"], "other_cpu_s": other, "output": output}
-
-
-def edgeconv_command() -> list[str]:
-    script = Path(sys.executable).parent / "edgeconv"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "edgeconv.cli"]
 
 
 def machine() -> dict:

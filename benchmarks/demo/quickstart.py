@@ -1,38 +1,62 @@
-"""Quickstart until the shipped demo teacher lands: make a small random Qwen3-MoE, convert it, load it.
+"""Quickstart until the shipped demo teacher lands: build a small random Qwen3-MoE here, then run the
+pipeline on it with the real CLI: inspect -> convert (calibrate + plan + assemble) -> export to GGUF.
 
     python benchmarks/demo/quickstart.py [--workdir DIR]
 
-Runs the real CLI (inspect -> plan -> assemble) on a freshly built checkpoint, then loads the dense
-result with stock transformers and checks the exactness property on it: with the router zeroed and
-top_k = E, the dense model built from all experts at 1/E gives the MoE's logits.
+It also checks the method's anchor on the way: with the router zeroed and top_k = E, the dense model built
+from all experts at 1/E gives the MoE's logits (stock transformers loads the dense result).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3MoeConfig
+
+WORDS = "the a of to in is it that on was for with as by at from this be or are an which one all".split()
 
 
-def build_teacher(path: Path, experts: int = 8) -> None:
+def write_corpus(path: Path, docs: int = 400) -> None:
+    rng = random.Random(0)
+    with open(path, "w") as fh:
+        for _ in range(docs):
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(80)) + "."}) + "\n")
+
+
+def build_teacher(path: Path, corpus: Path, uniform: bool) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    experts = 8
     config = Qwen3MoeConfig(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                            num_experts=experts, num_experts_per_tok=experts, max_position_embeddings=256)
+                            num_experts=experts, num_experts_per_tok=experts if uniform else 2, norm_topk_prob=True,
+                            max_position_embeddings=512, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate.weight.zero_()  # uniform routing, so the exactness check below applies
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.05 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+        if uniform:
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.zero_()
     model.save_pretrained(path)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([json.loads(line)["text"] for line in corpus.read_text().splitlines()], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
 
 
 def edgeconv(*args: str) -> None:
-    print("$ edgeconv", " ".join(args), flush=True)
+    print("\n$ edgeconv", " ".join(args), flush=True)
     subprocess.run([sys.executable, "-m", "edgeconv.cli", *args], check=True)
 
 
@@ -41,17 +65,30 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edgeconv-quickstart-"))
-    teacher, plan, dense = work / "teacher", work / "plan.json", work / "dense"
-    build_teacher(teacher)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus.jsonl"
+    write_corpus(corpus)
+
+    # 1. The pipeline on a top-2 teacher: DO-ACP keeps 2 of 8 experts per layer (the active width).
+    teacher, dense = work / "teacher", work / "dense"
+    build_teacher(teacher, corpus, uniform=False)
     edgeconv("inspect", str(teacher))
-    edgeconv("plan", str(teacher), "--experts", "first:8", "--scaling", "uniform", "--out", str(plan))
-    edgeconv("assemble", str(teacher), "--plan", str(plan), "--out", str(dense), "--force")
-    moe = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    edgeconv("convert", str(teacher), "--data", str(corpus), "--tokens", "8192", "--seq-len", "256",
+             "--out", str(dense), "--force")
+    edgeconv("export", str(dense), "--quant", "Q8_0", "--out", str(work / "dense-Q8_0.gguf"), "--force")
+
+    # 2. The anchor: uniform routing over all experts == the dense model of all experts at 1/E.
+    uniform, exact = work / "uniform-teacher", work / "uniform-dense"
+    build_teacher(uniform, corpus, uniform=True)
+    edgeconv("plan", str(uniform), "--experts", "first:8", "--scaling", "uniform", "--out", str(work / "all.json"))
+    edgeconv("assemble", str(uniform), "--plan", str(work / "all.json"), "--out", str(exact), "--force", "--no-progress")
+    moe = AutoModelForCausalLM.from_pretrained(uniform, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(exact, dtype=torch.float32).eval()
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (moe(ids).logits - student(ids).logits).abs().max().item()
-    print(f"{type(student).__name__} loaded from {dense}; max |logit diff| vs the MoE = {diff:.2e}")
+    print(f"\nuniform-routing anchor: {type(student).__name__} vs the MoE, max |logit diff| = {diff:.2e}")
+    print(f"outputs in {work}")
     sys.exit(0 if diff <= 1e-4 else 1)
 
 

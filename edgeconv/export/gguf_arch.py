@@ -6,7 +6,7 @@ for every family, through the family adapters that already read every on-disk la
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import gguf

@@ -100,7 +100,7 @@ def _expert_items(ckpt: Checkpoint, family, tmap) -> list[Item]:
     hidden, width, n = family.hidden_size, family.expert_width, family.num_experts
     parts = [("gate", "gate_proj", "weight", (n, width, hidden)), ("up", "up_proj", "weight", (n, width, hidden)),
              ("down", "down_proj", "weight", (n, hidden, width))]
-    if getattr(family, "has_ffn_bias", False):
+    if family.has_ffn_bias:
         parts += [("gate_bias", "gate_proj", "bias", (n, width)), ("up_bias", "up_proj", "bias", (n, width)),
                   ("down_bias", "down_proj", "bias", (n, hidden))]
     for layer in family.moe_layers():

@@ -34,6 +34,7 @@ class MoEFamily:
     expert_width_key: ClassVar[str] = "moe_intermediate_size"
     # MoE-only config keys that the dense config drops.
     moe_config_keys: ClassVar[tuple[str, ...]] = ()
+    has_ffn_bias: ClassVar[bool] = False  # GPT-OSS experts carry biases
     # How transformers 4.57's modules hand results on (used when calibration runs the decoder layers).
     block_returns_tuple: ClassVar[bool] = True  # the MoE block returns (hidden, router_logits)
     layer_returns_tuple: ClassVar[bool] = False  # the decoder layer returns (hidden, ...)
@@ -182,7 +183,7 @@ class MoEFamily:
         prefix = self.prefix(layer)
         width, hidden = layout.width(ckpt, prefix), self.hidden_size
         params = 3 * width * hidden
-        if getattr(self, "has_ffn_bias", False):
+        if self.has_ffn_bias:
             params += 2 * width + hidden
         return params
 

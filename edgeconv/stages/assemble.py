@@ -86,7 +86,7 @@ def _ffn_specs(family: MoEFamily, layer: int, width: int, dtype: torch.dtype) ->
     def meta(*shape):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    bias = getattr(family, "has_ffn_bias", False)
+    bias = family.has_ffn_bias
     ffn = Ffn(meta(width, hidden), meta(width, hidden), meta(hidden, width),
               *(meta(width), meta(width), meta(hidden)) if bias else ())
     return [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in family.dense_ffn_tensors(layer, ffn).items()]

@@ -4,7 +4,10 @@ quantizers, the onnxruntime-genai model builder, and runners that return logits 
 optimum-onnx registers qwen3, qwen3_moe, qwen2, mistral and gpt_oss; qwen2_moe, mixtral and olmoe get an
 ONNX config here whose patcher swaps the sparse MoE block's forward for one that loops over every expert
 (the stock forward loops over the experts hit at trace time only, which bakes the trace's routing into the
-graph). DeepSeek-V2 (multi-head latent attention) has no ONNX config and is refused.
+graph). DeepSeek-V2 (multi-head latent attention; teachers and their all-dense students) gets an ONNX config
+whose KV cache has keys of width qk_nope + qk_rope and values of width v_head_dim per head, and whose patcher
+also swaps transformers' complex-valued rotary embedding (which the ONNX exporter cannot trace) for the same
+rotation done with real cos/sin.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ INT4_BLOCK = 32
 
 # model_type -> the architectures exported through optimum-onnx (teachers and dense students alike).
 OPTIMUM_BUILTIN = {"qwen3", "qwen3_moe", "qwen2", "mistral", "gpt_oss"}
-OPTIMUM_PATCHED = {"qwen2_moe", "mixtral", "olmoe"}
+OPTIMUM_PATCHED = {"qwen2_moe", "mixtral", "olmoe", "deepseek_v2"}
 ONNX_MODEL_TYPES = sorted(OPTIMUM_BUILTIN | OPTIMUM_PATCHED)
 # onnxruntime-genai 0.15's builder: HF architecture -> its builder class (dense students only).
 GENAI_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GptOssForCausalLM")
@@ -42,15 +45,19 @@ def check_onnx_supported(config: dict, where: str = "the model") -> str:
     mt = model_type_of(config)
     arch = (config.get("architectures") or [mt])[0]
     if mt not in OPTIMUM_BUILTIN | OPTIMUM_PATCHED:
-        why = " (multi-head latent attention has no ONNX export config)" if mt == "deepseek_v2" else ""
         raise EdgeconvError(
-            f"ONNX export does not support {arch} ({mt}){why}",
+            f"ONNX export does not support {arch} ({mt})",
             f"supported model types: {', '.join(ONNX_MODEL_TYPES)}; try --format gguf",
         )
     return mt
 
 
 def num_experts(config: dict) -> int:
+    """Routed experts per MoE layer; 1 for a dense model (a DeepSeek-V2 student keeps n_routed_experts in its
+    config but has first_k_dense_replace = num_hidden_layers: no MoE layer at all)."""
+    layers = config.get("num_hidden_layers")
+    if config.get("first_k_dense_replace") is not None and layers and config["first_k_dense_replace"] >= layers:
+        return 1
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
         if config.get(key):
             return int(config[key])
@@ -88,6 +95,64 @@ def moe_forward_all_experts(self, hidden_states):
     return final.reshape(batch_size, sequence_length, hidden_dim), router_logits
 
 
+def deepseek_v2_moe_forward_all_experts(self, hidden_states):
+    """DeepseekV2MoE's forward visiting every routed expert, with transformers' routing (softmax scores in
+    fp32, top-k greedy or group-limited greedy, weights * routed_scaling_factor, no renormalisation) plus the
+    shared experts, added unweighted."""
+    import torch
+    import torch.nn.functional as F
+
+    gate = self.gate
+    orig_shape = hidden_states.shape
+    flat = hidden_states.reshape(-1, orig_shape[-1])
+    scores = F.linear(flat.float(), gate.weight.float()).softmax(dim=-1, dtype=torch.float32)
+    if gate.topk_method == "group_limited_greedy":
+        n = flat.shape[0]
+        group_scores = scores.view(n, gate.num_group, -1).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=gate.topk_group, dim=-1)[1]
+        group_mask = torch.zeros_like(group_scores).scatter(1, group_idx, 1.0)
+        score_mask = group_mask.unsqueeze(-1).expand(n, gate.num_group, gate.num_experts // gate.num_group)
+        scores = scores.masked_fill(score_mask.reshape(n, -1) == 0, 0.0)
+    elif gate.topk_method != "greedy":
+        raise NotImplementedError(f"DeepSeek-V2 topk_method {gate.topk_method!r}")
+    topk_weight, topk_idx = torch.topk(scores, k=gate.top_k, dim=-1)
+    topk_weight = topk_weight * gate.routed_scaling_factor
+    final = torch.zeros((flat.shape[0], orig_shape[-1]), dtype=topk_weight.dtype, device=flat.device)
+    expert_mask = F.one_hot(topk_idx, num_classes=len(self.experts)).permute(2, 1, 0)
+    for expert_idx in range(len(self.experts)):
+        idx, top_x = torch.where(expert_mask[expert_idx])
+        out = self.experts[expert_idx](flat[top_x]).to(topk_weight.dtype) * topk_weight[top_x, idx, None]
+        final.index_add_(0, top_x, out)
+    out = final.to(hidden_states.dtype).view(*orig_shape)
+    return out + self.shared_experts(hidden_states)
+
+
+def deepseek_v2_rotary_forward(self, x, position_ids):
+    """DeepseekV2RotaryEmbedding's forward returning real (cos, sin) stacked on a last axis of 2, scaled like
+    transformers' complex freqs_cis (its real and imaginary parts), instead of a complex tensor."""
+    import torch
+
+    inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+    freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)
+    return torch.stack((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+
+
+def deepseek_v2_apply_rotary_emb(xq, xk, freqs_cis):
+    """transformers' apply_rotary_emb without complex numbers: each pair (x[2i], x[2i+1]) is rotated by the
+    angle of frequency i (freqs_cis from deepseek_v2_rotary_forward: [batch, seq, dim // 2, 2])."""
+    import torch
+
+    cos, sin = freqs_cis[..., 0].unsqueeze(1), freqs_cis[..., 1].unsqueeze(1)  # [batch, 1, seq, dim // 2]
+
+    def rotate(x):
+        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        re, im = pairs[..., 0], pairs[..., 1]
+        out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+        return out.flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
 def _moe_block_class(model_type: str):
     if model_type == "qwen2_moe":
         from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as block
@@ -103,6 +168,8 @@ def _custom_onnx_config(model_type: str, hf_config):
     from optimum.exporters.onnx import model_configs as mc
     from optimum.exporters.onnx.model_patcher import ModelPatcher
 
+    if model_type == "deepseek_v2":
+        return _deepseek_v2_onnx_config(hf_config)
     block = _moe_block_class(model_type)
 
     class AllExpertsPatcher(ModelPatcher):
@@ -117,6 +184,36 @@ def _custom_onnx_config(model_type: str, hf_config):
 
     base = {"qwen2_moe": mc.Qwen2OnnxConfig, "mixtral": mc.MistralOnnxConfig, "olmoe": mc.LlamaOnnxConfig}[model_type]
     cls = type(f"{block.__name__}OnnxConfig", (base,), {"_MODEL_PATCHER": AllExpertsPatcher})
+    return cls(hf_config, task="text-generation", use_past=True, use_past_in_inputs=True)
+
+
+def _deepseek_v2_onnx_config(hf_config):
+    """DeepSeek-V2: optimum's DeepSeek-V3 config (Llama inputs + position_ids; its dummy cache has keys of
+    qk_nope + qk_rope and values of v_head_dim per head, one "kv head" per attention head, as transformers'
+    deepseek_v2 caches them) with a patcher for the complex rotary embedding and the MoE block."""
+    from optimum.exporters.onnx import model_configs as mc
+    from optimum.exporters.onnx.model_patcher import ModelPatcher
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as ds
+
+    patches = [
+        (ds, "apply_rotary_emb", deepseek_v2_apply_rotary_emb),
+        (ds.DeepseekV2RotaryEmbedding, "forward", deepseek_v2_rotary_forward),
+        (ds.DeepseekV2MoE, "forward", deepseek_v2_moe_forward_all_experts),
+    ]
+
+    class DeepseekV2Patcher(ModelPatcher):
+        def __enter__(self):
+            super().__enter__()
+            self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+            for owner, name, new in patches:
+                setattr(owner, name, new)
+
+        def __exit__(self, exc_type, exc_value, traceback):
+            super().__exit__(exc_type, exc_value, traceback)
+            for owner, name, old in self._saved:
+                setattr(owner, name, old)
+
+    cls = type("DeepseekV2OnnxConfig", (mc.DeepSeekV3OnnxConfig,), {"_MODEL_PATCHER": DeepseekV2Patcher})
     return cls(hf_config, task="text-generation", use_past=True, use_past_in_inputs=True)
 
 

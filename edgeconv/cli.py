@@ -52,10 +52,11 @@ def main():
 
     \b
     Typical flow:
-      edgeconv inspect MODEL                      what the MoE is, what the default plan makes
-      edgeconv plan MODEL --out plan.json         which experts go into the dense FFN
-      edgeconv assemble MODEL --plan plan.json --out dense/
-    MODEL is a local checkpoint directory (config.json + *.safetensors) or a hub id.
+      edgeconv inspect MODEL                                what the MoE is, what the default plan makes
+      edgeconv convert MODEL --data TEXT --out dense/       calibrate + plan (DO-ACP) + assemble
+      edgeconv export dense/ --quant Q4_K_M --out m.gguf    GGUF for llama.cpp, checked against torch
+    Stage by stage: calibrate, plan, assemble. MODEL is a local checkpoint directory
+    (config.json + *.safetensors) or a hub id.
     """
 
 

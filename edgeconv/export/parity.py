@@ -126,6 +126,23 @@ def compare(kind: str, reference: list[np.ndarray], artifact: list[np.ndarray], 
                   ppl_a / ppl_r, tol, not failures, failures)
 
 
+def gate(parity: Parity, report: dict, failed_path, what: str) -> None:
+    """Stop an export that missed its tolerance: keep the measurements in `failed_path`, publish nothing.
+    On success, a failure report left by an earlier attempt is removed."""
+    import json
+    from pathlib import Path
+
+    failed_path = Path(failed_path)
+    if parity.passed:
+        failed_path.unlink(missing_ok=True)
+        return
+    failed_path.write_text(json.dumps(report, indent=2) + "\n")
+    raise EdgeconvError(
+        f"{what} failed its parity check: {'; '.join(parity.failures)}",
+        f"nothing was published; the measurements are in {failed_path}",
+    )
+
+
 def torch_logits(model_dir, token_ids: list[list[int]]) -> list[np.ndarray]:
     from transformers import AutoModelForCausalLM
 

@@ -17,7 +17,7 @@ from edgeconv.errors import EdgeconvError
 from edgeconv.export import llamacpp
 from edgeconv.export.gguf_arch import gguf_arch_for
 from edgeconv.export.gguf_convert import FLOAT_TYPES, write_gguf
-from edgeconv.export.parity import PROMPTS, Parity, compare, prompt_ids, torch_logits
+from edgeconv.export.parity import PROMPTS, Parity, compare, gate, prompt_ids, torch_logits
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.output_dir import disk_full_error, sha256_file
 
@@ -90,13 +90,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             "imatrix": info.get("imatrix"),
             **parity.as_dict(),
         }
-        if not parity.passed:
-            failed = stem.parent / f"{stem.name}.parity-failed.json"
-            failed.write_text(json.dumps(report, indent=2) + "\n")
-            raise EdgeconvError(
-                f"GGUF {quant} export of {ckpt.path.name} failed its parity check: {'; '.join(parity.failures)}",
-                f"nothing was published; the measurements are in {failed}",
-            )
+        gate(parity, report, stem.parent / f"{stem.name}.parity-failed.json", f"GGUF {quant} export of {ckpt.path.name}")
         report["sha256"] = sha256_file(staged)
         (tmp / f"{stem.name}.parity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / f"{stem.name}.Modelfile").write_text(_modelfile(out.name))

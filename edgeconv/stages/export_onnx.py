@@ -20,7 +20,7 @@ from pathlib import Path
 from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import onnx_export as ox
-from edgeconv.export.parity import PROMPTS, Parity, compare, prompt_ids, torch_logits
+from edgeconv.export.parity import PROMPTS, Parity, compare, gate, prompt_ids, torch_logits
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.output_dir import atomic_output_dir, check_can_write, sha256_file, stage_key, write_manifest
 
@@ -65,14 +65,7 @@ def _publish(ckpt: Checkpoint, out: Path, tmp: Path, kind: str, stage: str, prec
         **extra,
         **parity.as_dict(),
     }
-    if not parity.passed:
-        failed = out.parent / f"{out.name}.parity-failed.json"
-        failed.write_text(json.dumps(report, indent=2) + "\n")
-        raise EdgeconvError(
-            f"{kind} {precision} export of {ckpt.path.name} failed its parity check: {'; '.join(parity.failures)}",
-            f"nothing was published; the measurements are in {failed}",
-        )
-    (out.parent / f"{out.name}.parity-failed.json").unlink(missing_ok=True)
+    gate(parity, report, out.parent / f"{out.name}.parity-failed.json", f"{kind} {precision} export of {ckpt.path.name}")
     (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
     entries = {name: {"bytes": size, "sha256": sha256_file(tmp / name)} for name, size in _sizes(tmp).items()}
     options = {"precision": precision, **{k: v for k, v in extra.items() if k == "execution_provider"}}

@@ -1,0 +1,1 @@
+"""Evaluation data and tasks shared by the demo training and `edgeconv eval`."""

@@ -1,0 +1,108 @@
+"""A synthetic skill mixture: short prompts with one exact answer each, so a small model's skills can be
+trained into it (experts tend to specialise on them) and scored by exact match.
+
+Every example is one line, `PROMPT ANSWER`, where the prompt ends with `=` and the answer is what a
+model must generate after it, followed by a newline. Generators are pure functions of a seeded
+`random.Random`, so a split is reproducible from its seed alone.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from typing import Callable
+
+from edgeconv.registry import Registry
+
+
+@dataclass(frozen=True)
+class Example:
+    skill: str
+    prompt: str  # ends with "="; what the model is given
+    answer: str  # what it must produce next (then a newline)
+
+    @property
+    def text(self) -> str:
+        return f"{self.prompt}{self.answer}\n"
+
+
+SKILLS: Registry[Callable[[random.Random], tuple[str, str]]] = Registry("skill")
+
+
+def _word(rng: random.Random, lo: int = 3, hi: int = 7) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+
+
+@SKILLS.register("add")
+def add(rng: random.Random) -> tuple[str, str]:
+    """Multi-digit addition: add 4821+377=5198."""
+    a, b = rng.randint(0, 99999), rng.randint(0, 99999)
+    return f"add {a}+{b}=", str(a + b)
+
+
+@SKILLS.register("copy")
+def copy(rng: random.Random) -> tuple[str, str]:
+    """Repeat a word sequence: copy kelp dorn ax=kelp dorn ax."""
+    words = " ".join(_word(rng) for _ in range(rng.randint(2, 5)))
+    return f"copy {words}=", words
+
+
+@SKILLS.register("reverse")
+def reverse(rng: random.Random) -> tuple[str, str]:
+    """Reverse the letters of a word: reverse abcd=dcba."""
+    w = _word(rng, 4, 9)
+    return f"reverse {w}=", w[::-1]
+
+
+@SKILLS.register("sort")
+def sort(rng: random.Random) -> tuple[str, str]:
+    """Sort numbers ascending: sort 5 2 9=2 5 9."""
+    nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 7))]
+    return f"sort {' '.join(map(str, nums))}=", " ".join(map(str, sorted(nums)))
+
+
+@SKILLS.register("brackets")
+def brackets(rng: random.Random) -> tuple[str, str]:
+    """Is a bracket string balanced: brackets (()[])=yes."""
+    pairs = ["()", "[]", "{}"]
+    if rng.random() < 0.5:  # balanced by construction
+        s = ""
+        for _ in range(rng.randint(2, 6)):
+            o, c = rng.choice(pairs)
+            s = rng.choice([o + s + c, s + o + c])
+        return f"brackets {s}=", "yes"
+    s = "".join(rng.choice("()[]{}") for _ in range(rng.randint(4, 12)))
+    return f"brackets {s}=", "yes" if balanced(s) else "no"
+
+
+def balanced(s: str) -> bool:
+    stack, match = [], {")": "(", "]": "[", "}": "{"}
+    for ch in s:
+        if ch in "([{":
+            stack.append(ch)
+        elif not stack or stack.pop() != match[ch]:
+            return False
+    return not stack
+
+
+@SKILLS.register("recall")
+def recall(rng: random.Random) -> tuple[str, str]:
+    """Key-value recall: recall a:7 b:3 c:9 b=3."""
+    keys = rng.sample(string.ascii_lowercase, rng.randint(3, 6))
+    values = {k: rng.randint(0, 99) for k in keys}
+    pairs = " ".join(f"{k}:{v}" for k, v in values.items())
+    key = rng.choice(keys)
+    return f"recall {pairs} {key}=", str(values[key])
+
+
+def examples(seed: int, n: int, skills: list[str] | None = None) -> list[Example]:
+    """`n` examples cycling over `skills` (all by default), reproducible from `seed`."""
+    rng = random.Random(seed)
+    names = skills or SKILLS.names()
+    out = []
+    for i in range(n):
+        name = names[i % len(names)]
+        prompt, answer = SKILLS.get(name)(rng)
+        out.append(Example(name, prompt, answer))
+    return out

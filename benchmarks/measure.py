@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 # Runs argv[2:] as its only child and writes that child's wall time and rusage to argv[1]. A fresh, small
@@ -59,6 +58,3 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "ram_gb": round(mem / 1e9, 1), "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform()}
 
-
-def now() -> float:
-    return time.perf_counter()

@@ -6,7 +6,6 @@ has the MoE's *active* width), CP scaling. Every argument is checked before any 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -116,8 +115,3 @@ def stats_plan(
     }
     return Plan(model=ref, method=method, layers=layers)
 
-
-def stats_sha256(directory: Path) -> str:
-    from edgeconv.calibration.stats import STATS_FILE
-
-    return hashlib.sha256((Path(directory) / STATS_FILE).read_bytes()).hexdigest()

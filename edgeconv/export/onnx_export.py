@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeconv.errors import EdgeconvError
+from edgeconv.families.base import routed_experts
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GENAI_PRECISIONS = ("fp32", "fp16", "int4")
@@ -50,18 +51,6 @@ def check_onnx_supported(config: dict, where: str = "the model") -> str:
             f"supported model types: {', '.join(ONNX_MODEL_TYPES)}; try --format gguf",
         )
     return mt
-
-
-def num_experts(config: dict) -> int:
-    """Routed experts per MoE layer; 1 for a dense model (a DeepSeek-V2 student keeps n_routed_experts in its
-    config but has first_k_dense_replace = num_hidden_layers: no MoE layer at all)."""
-    layers = config.get("num_hidden_layers")
-    if config.get("first_k_dense_replace") is not None and layers and config["first_k_dense_replace"] >= layers:
-        return 1
-    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if config.get(key):
-            return int(config[key])
-    return 1
 
 
 # --- optimum-onnx export -------------------------------------------------------------------------------
@@ -381,9 +370,9 @@ def genai_logits(model_dir: Path, token_ids: list[list[int]], provider: str = "c
 
 def check_genai_supported(config: dict, where: str = "the model") -> None:
     arch = (config.get("architectures") or [model_type_of(config)])[0]
-    if num_experts(config) > 1:
+    if routed_experts(config) > 1:
         raise EdgeconvError(
-            f"the onnxruntime-genai export is for dense students; {where} is a MoE ({arch}, {num_experts(config)} experts)",
+            f"the onnxruntime-genai export is for dense students; {where} is a MoE ({arch}, {routed_experts(config)} experts)",
             "export the MoE teacher with --format onnx, or pass the dense student",
         )
     if arch not in GENAI_ARCHITECTURES:

@@ -231,6 +231,16 @@ def family_for(config: dict, where: str = "the model") -> MoEFamily:
     return family
 
 
+def routed_experts(config: dict) -> int:
+    """How many experts the model's MoE layers route among; 1 for a dense model, including edgeconv's
+    single-expert outputs (OLMoE, GPT-OSS) and a DeepSeek-V2 whose every layer is dense."""
+    arch = (config.get("architectures") or [""])[0]
+    if arch not in FAMILIES:
+        return 1
+    family = FAMILIES.get(arch)(config)
+    return family.num_experts if family.moe_layers() else 1
+
+
 def _looks_moe(config: dict) -> bool:
     keys = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
     return any((config.get(k) or 0) > 1 for k in keys)

@@ -17,6 +17,7 @@ from edgeconv.errors import EdgeconvError
 from edgeconv.export import llamacpp
 from edgeconv.export.gguf_arch import gguf_arch_for
 from edgeconv.export.gguf_convert import FLOAT_TYPES, write_gguf
+from edgeconv.families.base import routed_experts
 from edgeconv.export.parity import PROMPTS, Parity, compare, gate, prompt_ids, torch_logits
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.output_dir import disk_full_error, sha256_file
@@ -77,7 +78,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             (tmp / f"base-{base}.gguf").unlink()
         types = llamacpp.tensor_types(staged)
         fallbacks = llamacpp.k_quant_fallbacks(types, quant)
-        parity = _parity(ckpt.path, staged, quant, prompts)
+        parity = _parity(ckpt.path, staged, quant, prompts, routed=routed_experts(ckpt.config) > 1)
         stem = out.with_suffix("")
         report = {
             "artifact": out.name,
@@ -108,7 +109,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     return GgufExport(out, parity, report["type_mix"], fallbacks, info)
 
 
-def _parity(model_dir: Path, gguf_path: Path, quant: str, prompts: list[str]) -> Parity:
+def _parity(model_dir: Path, gguf_path: Path, quant: str, prompts: list[str], routed: bool) -> Parity:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -126,14 +127,7 @@ def _parity(model_dir: Path, gguf_path: Path, quant: str, prompts: list[str]) ->
         artifact = [runner.logits(i) for i in ids]
     finally:
         runner.close()
-    routed = gguf_arch_for(json.loads((model_dir / "config.json").read_text())).moe and _num_experts(model_dir) > 1
     return compare(f"gguf:{quant}", torch_logits(model_dir, ids), artifact, ids, routed=routed)
-
-
-def _num_experts(model_dir: Path) -> int:
-    from edgeconv.export.gguf_arch import family_adapter
-
-    return family_adapter(json.loads((model_dir / "config.json").read_text())).num_experts
 
 
 def _modelfile(name: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import onnx_export as ox
+from edgeconv.families.base import routed_experts
 from edgeconv.export.parity import PROMPTS, Parity, compare, gate, prompt_ids, torch_logits
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.output_dir import atomic_output_dir, check_can_write, sha256_file, stage_key, write_manifest
@@ -92,7 +93,7 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", *, 
     ckpt = Checkpoint.open(model)
     try:
         ox.check_onnx_supported(ckpt.config, str(ckpt.path))  # before any work
-        routed = ox.num_experts(ckpt.config) > 1
+        routed = routed_experts(ckpt.config) > 1
         with atomic_output_dir(out, force=True) as tmp:
             t0 = time.time()
             ox.optimum_export(ckpt.path, tmp)

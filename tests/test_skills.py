@@ -25,7 +25,7 @@ def test_answers_are_correct():
         elif ex.skill == "recall":
             *pairs, key = body.split()
             assert ex.answer == dict(p.split(":") for p in pairs)[key]
-        assert ex.text == f"{ex.prompt}{ex.answer}\n" and "\n" not in ex.prompt + ex.answer
+        assert ex.text == f"{ex.prompt} {ex.answer}\n" and "\n" not in ex.prompt + ex.answer
 
 
 def test_every_skill_is_drawn_and_brackets_are_not_trivial():

@@ -1,8 +1,10 @@
 """A synthetic skill mixture: short prompts with one exact answer each, so a small model's skills can be
 trained into it (experts tend to specialise on them) and scored by exact match.
 
-Every example is one line, `PROMPT ANSWER`, where the prompt ends with `=` and the answer is what a
-model must generate after it, followed by a newline. Generators are pure functions of a seeded
+Every example is one line, `PROMPT ANSWER`, where the prompt ends with `=` and the answer, after one space,
+is what a model must generate, followed by a newline. The space keeps the prompt's last pre-token the same
+whether or not the answer follows (byte-level BPE would otherwise merge `=yes` into one piece in training
+that a prompt ending in `=` never shows). Generators are pure functions of a seeded
 `random.Random`, so a split is reproducible from its seed alone.
 """
 
@@ -24,7 +26,7 @@ class Example:
 
     @property
     def text(self) -> str:
-        return f"{self.prompt}{self.answer}\n"
+        return f"{self.prompt} {self.answer}\n"
 
 
 SKILLS: Registry[Callable[[random.Random], tuple[str, str]]] = Registry("skill")
@@ -36,35 +38,35 @@ def _word(rng: random.Random, lo: int = 3, hi: int = 7) -> str:
 
 @SKILLS.register("add")
 def add(rng: random.Random) -> tuple[str, str]:
-    """Multi-digit addition: add 4821+377=5198."""
+    """Multi-digit addition: add 4821+377= 5198."""
     a, b = rng.randint(0, 99999), rng.randint(0, 99999)
     return f"add {a}+{b}=", str(a + b)
 
 
 @SKILLS.register("copy")
 def copy(rng: random.Random) -> tuple[str, str]:
-    """Repeat a word sequence: copy kelp dorn ax=kelp dorn ax."""
+    """Repeat a word sequence: copy kelp dorn ax= kelp dorn ax."""
     words = " ".join(_word(rng) for _ in range(rng.randint(2, 5)))
     return f"copy {words}=", words
 
 
 @SKILLS.register("reverse")
 def reverse(rng: random.Random) -> tuple[str, str]:
-    """Reverse the letters of a word: reverse abcd=dcba."""
+    """Reverse the letters of a word: reverse abcd= dcba."""
     w = _word(rng, 4, 9)
     return f"reverse {w}=", w[::-1]
 
 
 @SKILLS.register("sort")
 def sort(rng: random.Random) -> tuple[str, str]:
-    """Sort numbers ascending: sort 5 2 9=2 5 9."""
+    """Sort numbers ascending: sort 5 2 9= 2 5 9."""
     nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 7))]
     return f"sort {' '.join(map(str, nums))}=", " ".join(map(str, sorted(nums)))
 
 
 @SKILLS.register("brackets")
 def brackets(rng: random.Random) -> tuple[str, str]:
-    """Is a bracket string balanced: brackets (()[])=yes."""
+    """Is a bracket string balanced: brackets (()[])= yes."""
     pairs = ["()", "[]", "{}"]
     if rng.random() < 0.5:  # balanced by construction
         s = ""
@@ -88,7 +90,7 @@ def balanced(s: str) -> bool:
 
 @SKILLS.register("recall")
 def recall(rng: random.Random) -> tuple[str, str]:
-    """Key-value recall: recall a:7 b:3 c:9 b=3."""
+    """Key-value recall: recall a:7 b:3 c:9 b= 3."""
     keys = rng.sample(string.ascii_lowercase, rng.randint(3, 6))
     values = {k: rng.randint(0, 99) for k in keys}
     pairs = " ".join(f"{k}:{v}" for k, v in values.items())

@@ -1,0 +1,256 @@
+"""Train the shipped demo models from scratch on this machine: a 16-expert top-2 Qwen3-MoE teacher and a dense
+Qwen3 of the same total parameter count (its FFN is as wide as all 16 experts side by side).
+
+    python benchmarks/demo/train.py tokenizer               # corpus splits + BPE tokenizer (seconds)
+    python benchmarks/demo/train.py moe   --steps 450       # the teacher, about 30 min on 2 cores
+    python benchmarks/demo/train.py dense --steps 220       # the dense model, the same wall-clock budget
+    python benchmarks/demo/train.py ship                    # bf16 weights + tokenizer + eval data into the package
+
+Data: see corpus.py (Shakespeare, Python docs, the synthetic skills of edgeconv.evaluation.skills), mixed
+35/35/30 by sampled windows. Everything is seeded; a step's batch depends only on (seed, step), so a run
+killed part-way resumes from its last checkpoint and ends where the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import corpus  # noqa: E402
+
+from edgeconv.evaluation import skills  # noqa: E402
+
+WORK = Path("benchmarks/_work/demo")
+SEED = 0
+SEQ = 256
+VOCAB = 4096
+MIX = {"shakespeare": 0.35, "pydocs": 0.35, "skills": 0.30}
+SKILL_SEEDS = {"train": 1, "valid": 2, "test": 3}
+HELD_OUT_SKILLS = 200  # per skill, in valid and in test
+ARCH = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=64, max_position_embeddings=1024, tie_word_embeddings=False, rope_theta=10000.0)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def held_out_skill_prompts() -> set[str]:
+    n = HELD_OUT_SKILLS * len(skills.SKILLS.names())
+    return {e.prompt for split in ("valid", "test") for e in skills.examples(SKILL_SEEDS[split], n)}
+
+
+def train_skill_lines(n: int) -> list[str]:
+    banned = held_out_skill_prompts()
+    return [e.text for e in skills.examples(SKILL_SEEDS["train"], n) if e.prompt not in banned]
+
+
+def build_tokenizer(data: Path, out: Path) -> None:
+    """Byte-level BPE with Qwen2's split regex (digits one by one, which llama.cpp knows as `qwen2`)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgeconv.export.gguf_vocab import QWEN2_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = corpus.read(data, "train", "shakespeare") + corpus.read(data, "train", "pydocs")
+    texts.append("".join(train_skill_lines(20000)))
+    tok.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>",
+                            model_max_length=1024).save_pretrained(out)
+
+
+def prepare() -> None:
+    data = WORK / "data"
+    if not (data / "test" / "pydocs.jsonl").exists():
+        print(json.dumps(corpus.build(data, SEED), indent=1))
+    if not (WORK / "tokenizer" / "tokenizer.json").exists():
+        t = time.time()
+        build_tokenizer(data, WORK / "tokenizer")
+        print(f"tokenizer trained in {time.time() - t:.0f} s")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(WORK / "tokenizer")
+    for split in ("train", "valid"):
+        for name in ("shakespeare", "pydocs"):
+            path = WORK / "tokens" / f"{split}-{name}.npy"
+            if not path.exists():
+                docs = corpus.read(data, split, name)
+                ids = [i for enc in tok(docs, add_special_tokens=False)["input_ids"] for i in enc + [tok.eos_token_id]]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, np.array(ids, dtype=np.int32))
+        path = WORK / "tokens" / f"{split}-skills.npy"
+        if not path.exists():
+            lines = train_skill_lines(400_000) if split == "train" else \
+                [e.text for e in skills.examples(SKILL_SEEDS["valid"], HELD_OUT_SKILLS * 6)]
+            ids = [i for enc in tok(lines, add_special_tokens=False)["input_ids"] for i in enc]
+            np.save(path, np.array(ids, dtype=np.int32))
+    for f in sorted((WORK / "tokens").glob("*.npy")):
+        print(f"{f.name}: {len(np.load(f, mmap_mode='r')):,} tokens")
+
+
+# ---------------------------------------------------------------------------------------------- training
+def streams(split: str) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.load(WORK / "tokens" / f"{split}-{name}.npy").astype(np.int64)) for name in MIX}
+
+
+def batch(data: dict[str, torch.Tensor], step: int, size: int) -> torch.Tensor:
+    """[size, SEQ + 1] windows; which source and where depend only on (SEED, step)."""
+    g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
+    names = list(MIX)
+    picks = torch.multinomial(torch.tensor([MIX[n] for n in names]), size, replacement=True, generator=g)
+    rows = []
+    for p in picks.tolist():
+        s = data[names[p]]
+        start = int(torch.randint(0, len(s) - SEQ - 1, (1,), generator=g))
+        rows.append(s[start:start + SEQ + 1])
+    return torch.stack(rows)
+
+
+def make_model(kind: str):
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+
+    if kind == "moe":
+        config = Qwen3MoeConfig(**ARCH, intermediate_size=1024, moe_intermediate_size=256, num_experts=16,
+                                num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.02)
+    else:  # as wide as all 16 experts together: the same total parameters, minus the routers
+        config = Qwen3Config(**ARCH, intermediate_size=16 * 256)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(SEED)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def valid_loss(model, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    model.eval()
+    out = {}
+    for name, s in data.items():
+        n = min(16, (len(s) - 1) // SEQ)
+        x = torch.stack([s[i * SEQ:(i + 1) * SEQ + 1] for i in range(n)])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[name] = float(loss_of(model, x))
+    model.train()
+    return out
+
+
+def loss_of(model, x: torch.Tensor, aux: bool = False):
+    out = model(input_ids=x[:, :-1], output_router_logits=aux)
+    ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+    if aux:
+        return ce, out.aux_loss
+    return ce
+
+
+def train(kind: str, steps: int, batch_size: int, peak_lr: float, warmup: int, every: int) -> None:
+    torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count() or 2)))
+    out = WORK / kind
+    ckpt = out / "checkpoint.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    model = make_model(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    start, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed = state["step"], state["elapsed"]
+        print(f"resumed at step {start}")
+    train_data, valid_data = streams("train"), streams("valid")
+    log = open(out / "log.jsonl", "a")
+    coef = getattr(model.config, "router_aux_loss_coef", 0.0)
+    t0 = time.time() - elapsed
+    for step in range(start, steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, peak_lr, warmup)
+        x = batch(train_data, step, batch_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if kind == "moe":
+                ce, aux = loss_of(model, x, aux=True)
+                loss = ce + coef * aux
+            else:
+                ce = loss = loss_of(model, x)
+                aux = None
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        row = {"step": step + 1, "tokens": (step + 1) * batch_size * SEQ, "seconds": round(time.time() - t0, 1),
+               "lr": group["lr"], "loss": round(float(ce), 4)}
+        if aux is not None:
+            row["aux"] = round(float(aux), 4)
+        if (step + 1) % every == 0 or step + 1 == steps:
+            row["valid"] = {k: round(v, 4) for k, v in valid_loss(model, valid_data).items()}
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                        "elapsed": time.time() - t0}, ckpt.with_suffix(".tmp"))
+            os.replace(ckpt.with_suffix(".tmp"), ckpt)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        if (step + 1) % 10 == 0 or "valid" in row:
+            tps = row["tokens"] / row["seconds"]
+            print(f"{kind} step {step + 1}/{steps} loss {row['loss']:.3f} {tps:.0f} tok/s "
+                  f"{row.get('valid', '')}", flush=True)
+    model.save_pretrained(out / "final")
+    plot(out)
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], lw=0.8, label="train")
+    for name in MIX:
+        v = [(r["tokens"] / 1e6, r["valid"][name]) for r in rows if "valid" in r]
+        ax.plot(*zip(*v), marker="o", ms=3, label=f"valid {name}")
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(f"demo {out.name} training")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["tokenizer", "moe", "dense", "plot"])
+    p.add_argument("--steps", type=int, default=450)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--every", type=int, default=50, help="validate and checkpoint every N steps")
+    a = p.parse_args()
+    prepare()
+    if a.what in ("moe", "dense"):
+        train(a.what, a.steps, a.batch, a.lr, a.warmup, a.every)
+    elif a.what == "plot":
+        for kind in ("moe", "dense"):
+            if (WORK / kind / "log.jsonl").exists():
+                plot(WORK / kind)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeconv import __version__
+from edgeconv.demo import DEFAULT_MODEL
 from edgeconv.errors import EdgeconvError
 
 console = Console(stderr=True, soft_wrap=True)
@@ -53,15 +54,17 @@ def main():
     \b
     Typical flow:
       edgeconv inspect MODEL                                what the MoE is, what the default plan makes
-      edgeconv convert MODEL --data TEXT --out dense/       calibrate + plan (DO-ACP) + assemble
+      edgeconv convert MODEL --out dense/                   calibrate + plan (DO-ACP) + assemble
       edgeconv export dense/ --quant Q4_K_M --out m.gguf    GGUF for llama.cpp, checked against torch
+      edgeconv eval dense/                                  perplexity, skills, multiple choice
     Stage by stage: calibrate, plan, assemble. MODEL is a local checkpoint directory
-    (config.json + *.safetensors) or a hub id.
+    (config.json + *.safetensors), a hub id, or a shipped demo model: demo-moe (the default MODEL
+    of every command, a 16-expert Qwen3-MoE trained for this project) or demo-dense.
     """
 
 
 @main.command()
-@click.argument("model", metavar="MODEL|STATS")
+@click.argument("model", metavar="[MODEL|STATS]", required=False, default=DEFAULT_MODEL)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 def inspect(model, as_json):
     """Describe a MoE checkpoint, or the expert usage recorded in calibration statistics.
@@ -163,9 +166,10 @@ def _int_option(name: str, value: str | None) -> int | None:
 
 
 @main.command()
-@click.argument("model")
-@click.option("--data", required=True, type=click.Path(exists=False, path_type=Path),
-              help="Calibration text: a .txt file, a JSONL file with a 'text' field, or a directory of them.")
+@click.argument("model", required=False, default=DEFAULT_MODEL)
+@click.option("--data", type=click.Path(exists=False, path_type=Path), default=None,
+              help="Calibration text: a .txt file, a JSONL file with a 'text' field, or a directory of them "
+                   "[default: the shipped demo text].")
 @click.option("--tokens", default=65536, show_default=True, help="Calibration tokens.")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per forward.")
@@ -183,9 +187,10 @@ def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, max_
     ||f_e(x)||^2, the REAP sum, the Gram matrix of expert outputs on a shared sample, router logit
     statistics and the shared-expert gate mean. Peak memory is about one layer plus the activations.
     """
+    from edgeconv.demo import CALIBRATION_DATA
     from edgeconv.stages.calibrate import calibrate as run
 
-    result = run(model, data, out_dir, tokens=tokens, seq_len=seq_len, batch_size=batch_size, gram_tokens=gram_tokens,
+    result = run(model, data or CALIBRATION_DATA, out_dir, tokens=tokens, seq_len=seq_len, batch_size=batch_size, gram_tokens=gram_tokens,
                  dtype=dtype, max_activation_bytes=parse_size(max_activation_memory), force=force,
                  progress=not no_progress)
     s = result.manifest["summary"]
@@ -195,7 +200,7 @@ def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, max_
 
 
 @main.command()
-@click.argument("model")
+@click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path), help="Plan JSON from `edgeconv plan`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory for the dense checkpoint.")
@@ -266,11 +271,11 @@ def methods():
 
 
 @main.command()
-@click.argument("model")
+@click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Dense checkpoint directory. Statistics and plan go to OUT.work/ beside it.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Calibration text (file, JSONL or directory).")
+              help="Calibration text (file, JSONL or directory) [default: the shipped demo text].")
 @click.option("--tokens", default=65536, show_default=True, help="Calibration tokens.")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--experts", type=int, default=None, help="K experts kept per layer (default: the group count).")
@@ -299,7 +304,7 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
 
 
 @main.command()
-@click.argument("model")
+@click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "onnx-genai"]), default="gguf", show_default=True,
               help="gguf: llama.cpp / Ollama file. onnx: optimum-onnx directory for onnxruntime (teachers and "
                    "students). onnx-genai: onnxruntime-genai model builder directory (dense students).")
@@ -369,6 +374,67 @@ def _export_onnx(model, fmt, precision, provider, out_path, force):
                 if p.positions_over_tolerance else "")
     console.print(f"parity vs torch: max |diff| {p.max_abs_diff:.3g} ({p.rel_diff:.2e} of the largest logit{outliers}), "
                   f"top-1 {p.top1_agreement:.1%}, perplexity ratio {p.ppl_ratio:.4f} - passed")
+
+
+@main.command("eval")
+@click.argument("model", required=False, default=DEFAULT_MODEL)
+@click.option("--runtime", type=click.Choice(["auto", "torch", "gguf", "onnx", "onnx-genai"]), default="auto",
+              show_default=True, help="auto: from MODEL (a .gguf file, an ONNX directory, an HF checkpoint).")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Evaluation data directory (text, skills and choice JSONL) [default: the shipped held-out set].")
+@click.option("--tokens", default=16384, show_default=True, help="Tokens scored per corpus for perplexity.")
+@click.option("--window", default=256, show_default=True, help="Perplexity window (tokens of context at most).")
+@click.option("--examples", default=50, show_default=True, help="Examples per skill (exact match).")
+@click.option("--choices", default=200, show_default=True, help="Multiple-choice items, spread over the corpora.")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: all].")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@click.option("--lm-eval-tasks", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write lm-eval task YAMLs over the same data into this directory, and stop.")
+@click.option("--no-progress", is_flag=True)
+def eval_(model, runtime, data, tokens, window, examples, choices, threads, out_path, as_json, lm_eval_tasks,
+          no_progress):
+    """Held-out perplexity per corpus, exact match per skill and multiple-choice accuracy, on torch, GGUF
+    (llama-cpp-python) or ONNX (onnxruntime, onnxruntime-genai).
+
+    Every runtime tokenizes with its own tokenizer and is scored on the same data, so the numbers of a
+    checkpoint and of its exports compare directly.
+
+    \b
+    Examples:
+      edgeconv eval                                  the shipped demo teacher in torch
+      edgeconv eval dense/ --out dense.eval.json
+      edgeconv eval dense-F16.gguf
+      edgeconv eval --lm-eval-tasks tasks/ && lm_eval --model hf --model_args pretrained=dense/ \\
+          --include_path tasks/ --tasks edgeconv
+    """
+    from edgeconv.demo import EVAL_DATA
+
+    data = data or EVAL_DATA
+    if lm_eval_tasks is not None:
+        from edgeconv.evaluation.lm_eval_tasks import write_lm_eval_tasks
+
+        names = write_lm_eval_tasks(lm_eval_tasks, data)
+        console.print(f"wrote {len(names)} lm-eval tasks (tag `edgeconv`) to {lm_eval_tasks}: {', '.join(names)}")
+        return
+    from edgeconv.evaluation.suite import evaluate, summary_table
+
+    path = Path(model)
+    if not path.exists():
+        from edgeconv.io.checkpoint import resolve_model_path
+
+        path = resolve_model_path(model)
+    report = evaluate(path, data, runtime=None if runtime == "auto" else runtime, tokens=tokens, window=window,
+                      examples=examples, choices=choices, threads=threads, show_progress=not no_progress)
+    if out_path:
+        out_path.write_text(report.model_dump_json(indent=1))
+    if as_json:
+        out.print_json(report.model_dump_json())
+    else:
+        out.print(summary_table([(f"{Path(model).name} ({report.runtime})", report)]))
+        console.print(f"{report.seconds:.0f} s")
+
 
 if __name__ == "__main__":
     main()

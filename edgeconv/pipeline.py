@@ -41,10 +41,11 @@ def convert(
     family = family_for(ckpt.config, str(ckpt.path))
     check_plan_args(model_ref(family), experts, groups, scoring, grouping, scaling)
     if data is None:
-        raise EdgeconvError(
-            "convert calibrates the teacher on text, and no --data was given",
-            "pass --data PATH (a text file, a JSONL file with a 'text' field, or a directory of them)",
-        )
+        from edgeconv.demo import CALIBRATION_DATA
+
+        data = CALIBRATION_DATA
+        log(f"calibrating on the shipped demo text ({data.name}: Shakespeare, Python docs, skills); "
+            "pass --data with text like your use case")
     work = work_dir(Path(out))
     work.mkdir(parents=True, exist_ok=True)
     log(f"[1/3] calibrate -> {work / 'calibrate'}")

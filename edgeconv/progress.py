@@ -46,3 +46,14 @@ def token_progress(enabled: bool = True) -> Progress:
         TimeRemainingColumn(),
         disable=not enabled,
     )
+
+
+def item_progress(enabled: bool = True) -> Progress:
+    """Counted work items (evaluation examples, sweep runs) with an ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )

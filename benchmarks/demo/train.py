@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -234,9 +235,51 @@ def plot(out: Path) -> None:
     fig.savefig(out / "loss.png", dpi=110)
 
 
+# ---------------------------------------------------------------------------------------------- shipping
+ASSETS = Path("edgeconv/assets")
+
+
+def ship() -> None:
+    """bf16 weights + tokenizer of both models, the held-out evaluation set and a calibration text."""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgeconv.evaluation.data import write_eval_data
+
+    for kind, name in (("moe", "demo-moe"), ("dense", "demo-dense")):
+        src = WORK / kind / "final"
+        if not src.exists():
+            print(f"skip {name}: {src} not trained yet")
+            continue
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+        model.save_pretrained(ASSETS / name, max_shard_size="100MB")
+        AutoTokenizer.from_pretrained(WORK / "tokenizer").save_pretrained(ASSETS / name)
+        shutil.copy(WORK / kind / "loss.png", ASSETS / name / "training_loss.png")
+        shutil.copy(WORK / kind / "log.jsonl", ASSETS / name / "training_log.jsonl")
+        print(f"shipped {name}: {sum(f.stat().st_size for f in (ASSETS / name).iterdir()) / 1e6:.1f} MB")
+    data = WORK / "data"
+    held_out = {c: [(json.loads(line)["name"], json.loads(line)["text"])
+                    for line in (data / "test" / f"{c}.jsonl").read_text().splitlines()]
+                for c in ("shakespeare", "pydocs")}
+    print(write_eval_data(ASSETS / "eval", held_out, seed=SKILL_SEEDS["test"]))
+    rng = random.Random(SEED)
+    rows = []
+    for c in ("shakespeare", "pydocs"):
+        docs = corpus.read(data, "train", c)
+        for _ in range(40):
+            doc = rng.choice(docs)
+            start = rng.randrange(max(1, len(doc) - 4000))
+            rows.append(doc[start:start + 4000])
+    rows.append("".join(train_skill_lines(600)))
+    rng.shuffle(rows)
+    (ASSETS / "calibration.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    print(f"calibration text: {sum(map(len, rows)):,} chars")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["tokenizer", "moe", "dense", "plot"])
+    p.add_argument("what", choices=["tokenizer", "moe", "dense", "plot", "ship"])
     p.add_argument("--steps", type=int, default=450)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -246,6 +289,8 @@ def main() -> None:
     prepare()
     if a.what in ("moe", "dense"):
         train(a.what, a.steps, a.batch, a.lr, a.warmup, a.every)
+    elif a.what == "ship":
+        ship()
     elif a.what == "plot":
         for kind in ("moe", "dense"):
             if (WORK / kind / "log.jsonl").exists():

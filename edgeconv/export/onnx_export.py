@@ -305,13 +305,18 @@ def op_type_counts(model_path: Path) -> dict[str, int]:
 # --- runners -------------------------------------------------------------------------------------------
 
 
-def onnx_logits(model_path: Path, token_ids: list[list[int]]) -> list[np.ndarray]:
-    """Logits for each prompt from one prefill with empty past_key_values, as optimum exports the graph."""
+def onnx_session(model_path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(model: Path | object, token_ids: list[list[int]]) -> list[np.ndarray]:
+    """Logits for each prompt from one prefill with empty past_key_values, as optimum exports the graph.
+    `model` is the .onnx path or an open onnxruntime session."""
+    session = onnx_session(model) if isinstance(model, (str, Path)) else model
     inputs = {i.name: i for i in session.get_inputs()}
     out = []
     for ids in token_ids:

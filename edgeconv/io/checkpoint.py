@@ -32,7 +32,12 @@ SIDECAR_FILES = (
 
 
 def resolve_model_path(model: str | Path) -> Path:
-    """A local directory as is; a hub id (org/name) through the local HF cache or a download."""
+    """A local directory as is; a shipped demo name (demo-moe, demo-dense); a hub id (org/name) through the
+    local HF cache or a download."""
+    from edgeconv.demo import DEMO_MODELS, demo_path
+
+    if str(model) in DEMO_MODELS and not Path(model).exists():
+        return demo_path(str(model))
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():

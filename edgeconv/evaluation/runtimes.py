@@ -1,0 +1,260 @@
+"""One scoring interface over the three runtimes a user ships to: torch (an HF checkpoint directory), a GGUF
+through llama-cpp-python, and ONNX through onnxruntime (optimum's graph) or onnxruntime-genai (its builder's).
+
+A runtime tokenizes with its own tokenizer (llama.cpp's for a GGUF, as on the device; export checked it equals
+the HF one) and gives next-token log-probabilities for a whole sequence and greedy continuations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgeconv.errors import EdgeconvError
+from edgeconv.registry import Registry
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    m = logits.max(axis=-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
+
+
+class Runtime:
+    """Subclasses give `logits(ids) -> [len(ids), vocab]`, `encode`, `decode`; the rest is shared."""
+
+    name = "?"
+    eos_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def logits_batch(self, batch: list[list[int]]) -> list[np.ndarray]:
+        return [self.logits(ids) for ids in batch]
+
+    def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
+        """For each sequence, log p(ids[i] | ids[:i]) for i >= 1 (len(ids) - 1 values)."""
+        out = []
+        for ids, logits in zip(batch, self.logits_batch(batch)):
+            lp = log_softmax(logits[:-1])
+            out.append(lp[np.arange(len(ids) - 1), ids[1:]])
+        return out
+
+    def greedy(self, ids: list[int], max_new: int, stop: str = "\n") -> str:
+        """Greedy continuation of `ids`, cut at the first `stop`."""
+        ids, new = list(ids), []
+        for _ in range(max_new):
+            token = int(np.argmax(self.logits(ids)[-1]))
+            if token == self.eos_id:
+                break
+            ids.append(token)
+            new.append(token)
+            text = self.decode(new)
+            if stop in text:
+                return text.split(stop)[0]
+        return self.decode(new)
+
+    def close(self) -> None:
+        pass
+
+
+RUNTIMES: Registry[Callable[[Path, int | None], Runtime]] = Registry("runtime")
+
+
+@RUNTIMES.register("torch")
+class TorchRuntime(Runtime):
+    name = "torch"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.eos_id = self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self.logits_batch([ids])[0]
+
+    def logits_batch(self, batch: list[list[int]]) -> list[np.ndarray]:
+        # Sequences of one length go through together (perplexity windows all have the window's length).
+        out: list[np.ndarray | None] = [None] * len(batch)
+        by_len: dict[int, list[int]] = {}
+        for i, ids in enumerate(batch):
+            by_len.setdefault(len(ids), []).append(i)
+        with self.torch.no_grad():
+            for idx in by_len.values():
+                for chunk in range(0, len(idx), 8):
+                    part = idx[chunk:chunk + 8]
+                    x = self.torch.tensor([batch[i] for i in part])
+                    logits = self.model(input_ids=x).logits.float().numpy()
+                    for j, i in enumerate(part):
+                        out[i] = logits[j]
+        return out  # type: ignore[return-value]
+
+
+@RUNTIMES.register("gguf")
+class GgufRuntime(Runtime):
+    """llama-cpp-python with logits for every position: `eval` then `scores`. (Its `echo` logprobs of a prompt
+    are shifted by one position, llama-cpp-python issue 1983, so they are not used.)"""
+
+    name = "gguf"
+
+    def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 512):
+        from edgeconv.export.llamacpp import _llama_cpp
+
+        llama_cpp = _llama_cpp()
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
+                                   n_threads=threads or os.cpu_count(), n_batch=n_ctx)
+        self.eos_id = self.llm.token_eos()
+        self.n_ctx = n_ctx
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        if len(ids) > self.n_ctx:
+            raise EdgeconvError(f"a {len(ids)}-token sequence is longer than the GGUF context {self.n_ctx}",
+                                "lower --window")
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def greedy(self, ids: list[int], max_new: int, stop: str = "\n") -> str:
+        # Incremental: the KV cache keeps the prompt, one token is evaluated per step.
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        new: list[int] = []
+        for _ in range(max_new):
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            if token == self.eos_id:
+                break
+            new.append(token)
+            text = self.decode(new)
+            if stop in text:
+                return text.split(stop)[0]
+            self.llm.eval([token])
+        return self.decode(new)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise EdgeconvError(f"{path} holds no tokenizer transformers can load ({type(exc).__name__})",
+                            "export with edgeconv, which copies the tokenizer next to the ONNX model")
+
+
+@RUNTIMES.register("onnx")
+class OnnxRuntime(Runtime):
+    """optimum's decoder graph in onnxruntime (one prefill per call with an empty cache)."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        from edgeconv.export.onnx_export import onnx_session
+
+        model = path / "model.onnx" if path.is_dir() else path
+        self.session = onnx_session(model)
+        self.tokenizer = _hf_tokenizer(model.parent)
+        self.eos_id = self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        from edgeconv.export.onnx_export import onnx_logits
+
+        return onnx_logits(self.session, [ids])[0]
+
+
+@RUNTIMES.register("onnx-genai")
+class GenaiRuntime(Runtime):
+    """A model built by onnxruntime-genai's builder, run by its own generator."""
+
+    name = "onnx-genai"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime_genai as og
+
+        config = og.Config(str(path))
+        if not og.is_cuda_available():
+            config.clear_providers()
+        self.og = og
+        self.model = og.Model(config)
+        self.context = json.loads((path / "genai_config.json").read_text())["model"]["context_length"]
+        self.tokenizer = _hf_tokenizer(path)
+        self.eos_id = self.tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=min(len(ids) + 1, self.context))
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(np.array(ids, dtype=np.int32))
+        out = np.array(generator.get_output("logits"))[0].astype(np.float32)
+        del generator
+        return out
+
+
+def detect_runtime(path: Path) -> str:
+    """Which runtime a path is for: a .gguf file, a genai dir, an ONNX file or dir, or an HF checkpoint."""
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_file() and path.suffix == ".onnx":
+        return "onnx"
+    if path.is_dir():
+        if (path / "genai_config.json").exists():
+            return "onnx-genai"
+        if (path / "model.onnx").exists():
+            return "onnx"
+        if (path / "config.json").exists():
+            return "torch"
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf"
+    raise EdgeconvError(f"{path} is not a model edgeconv can evaluate",
+                        "pass an HF checkpoint directory, a .gguf file, or an ONNX export directory")
+
+
+def open_runtime(path: Path, runtime: str | None = None, threads: int | None = None) -> Runtime:
+    path = Path(path)
+    name = runtime or detect_runtime(path)
+    if name == "gguf" and path.is_dir():
+        path = sorted(path.glob("*.gguf"))[0]
+    return RUNTIMES.get(name)(path, threads)

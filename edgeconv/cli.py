@@ -376,6 +376,94 @@ def _export_onnx(model, fmt, precision, provider, out_path, force):
                   f"top-1 {p.top1_agreement:.1%}, perplexity ratio {p.ppl_ratio:.4f} - passed")
 
 
+@main.command()
+@click.option("--teacher", default=DEFAULT_MODEL, show_default=True, help="The teacher: any causal LM, usually the MoE.")
+@click.option("--student", required=True, help="The dense student (from `edgeconv convert`), sharing the teacher's tokenizer.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Training text: a .txt file, a JSONL file with a 'text' field, or a directory of them "
+                   "[default: the shipped demo text, about 100k tokens]. Each token is used once.")
+@click.option("--tokens", default=65536, show_default=True, help="Token budget: tokens trained on.")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per packed sequence.")
+@click.option("--batch-size", default=16, show_default=True,
+              help="Sequences per optimizer step, over all processes (the global batch).")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step and process.")
+@click.option("--lr", default=5e-4, show_default=True, help="Peak learning rate (AdamW, cosine decay to 10%).")
+@click.option("--warmup", default=0.05, show_default=True, help="Linear warm-up, as a fraction of the steps.")
+@click.option("--temperature", default=1.0, show_default=True, help="Softmax temperature of the KL (loss x T^2).")
+@click.option("--ce-weight", default=0.0, show_default=True,
+              help="Mix in cross-entropy on the data: loss = (1 - w) KL + w CE.")
+@click.option("--mode", type=click.Choice(["online", "offline"]), default="online", show_default=True,
+              help="online: run the teacher every step. offline: cache its top-k log-probs first, then train "
+                   "without it.")
+@click.option("--top-k", default=64, show_default=True, help="offline: teacher log-probs cached per token.")
+@click.option("--teacher-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="offline: where the cache lives (kept after the run) [default: OUT.work/distill/teacher-cache, "
+                   "removed after the run].")
+@click.option("--cache-only", is_flag=True, help="offline: build the teacher cache and stop.")
+@click.option("--checkpoint-every", default=50, show_default=True, help="Optimizer steps between checkpoints.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on GPUs that have it, fp32 on CPU.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory for the distilled student. Checkpoints go to OUT.work/distill/.")
+@click.option("--force", is_flag=True, help="Replace --out, and discard another run's checkpoints or cache.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def distill(teacher, student, data, tokens, seq_len, batch_size, grad_accum, lr, warmup, temperature, ce_weight,
+            mode, top_k, teacher_cache, cache_only, checkpoint_every, precision, seed, out_dir, force, no_progress):
+    """Distill a dense student from its teacher: forward KL on next-token distributions, whole student trained.
+
+    AdamW with warm-up and cosine decay over packed sequences; the result is a stock transformers checkpoint
+    in --out, with metrics.jsonl (one line per step), loss.png and manifest.json. Checkpoints are written every
+    --checkpoint-every steps: rerunning an interrupted command resumes where it stopped and ends with the
+    same weights; rerunning a finished one does nothing. The same command runs on several processes or GPUs
+    under `torchrun` or `accelerate launch` (DDP; FSDP with an accelerate config).
+
+    \b
+    Examples:
+      edgeconv distill --student dense/ --data train.jsonl --tokens 2000000 --out distilled/
+      edgeconv distill --teacher moe/ --student dense/ --data text/ --tokens 5000000 --mode offline \\
+          --top-k 64 --temperature 2 --out distilled/
+      torchrun --nproc_per_node 4 -m edgeconv.cli distill --teacher moe/ --student dense/ \\
+          --data text/ --tokens 50000000 --batch-size 32 --out distilled/
+    """
+    from edgeconv.distill import DistillConfig
+    from edgeconv.distill import distill as run
+
+    config = DistillConfig.make(tokens=tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                                warmup=warmup, temperature=temperature, ce_weight=ce_weight, mode=mode, top_k=top_k,
+                                checkpoint_every=checkpoint_every, precision=precision, seed=seed)
+    if data is None:
+        from edgeconv.demo import CALIBRATION_DATA
+
+        data = CALIBRATION_DATA
+    result = run(teacher, student, data, out_dir, config, teacher_cache=teacher_cache, cache_only=cache_only,
+                 force=force, progress=not no_progress, log=_main_log)
+    if not _is_main_process():
+        return
+    if result.cache:
+        c = result.cache
+        console.print(f"teacher cache: {human_bytes(c['bytes'])}, {c['bytes_per_token']} bytes per token "
+                      f"(top-{c['spec']['top_k']} at T={c['spec']['temperature']:g})")
+    if cache_only:
+        return
+    s = result.manifest["summary"]
+    verb = "up to date" if result.skipped else "wrote"
+    console.print(f"{verb} {result.out}: {s['tokens']:,} tokens in {s['steps']} steps ({s['mode']}, "
+                  f"{s['processes']} process(es), {s['precision']}), loss {s['first_loss']:.4f} -> "
+                  f"{s['final_loss']:.4f}, {s['train_tokens_per_second']:,.0f} tokens/s")
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _main_log(message: str) -> None:
+    if _is_main_process():
+        console.print(message)
+
+
 @main.command("eval")
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--runtime", type=click.Choice(["auto", "torch", "gguf", "onnx", "onnx-genai"]), default="auto",

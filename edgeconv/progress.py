@@ -57,3 +57,16 @@ def item_progress(enabled: bool = True) -> Progress:
         TimeRemainingColumn(),
         disable=not enabled,
     )
+
+
+def training_progress(enabled: bool = True) -> Progress:
+    """Training over a token budget: tokens done, tokens/s, the latest loss (task field `loss`) and an ETA."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn("tokens"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )

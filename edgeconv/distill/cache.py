@@ -1,0 +1,172 @@
+"""Offline teacher: a first pass writes the teacher's top-k log-probs of every training token to disk, so the
+teacher need not be in memory (or even on the machine) while the student trains.
+
+A cache directory holds, for the run's `sequences x seq_len` tokens (rows in the packed-stream order of
+edgeconv.distill.data, not in training order, so one cache serves any seed, learning rate or batch size):
+
+    values.npy    float16 [sequences, seq_len, k]   log p_i of the k most likely tokens at temperature T, sorted
+    indices.npy   uint16 (vocab <= 65536) or int32 [sequences, seq_len, k]   their token ids
+    tail.npy      float32 [sequences, seq_len]      log(1 - sum of the k probabilities), from the full softmax
+    done.npy      uint8 [sequences]                 1 once a row is written (an interrupted pass resumes)
+    manifest.json what the cache is for, written last: a cache without it is incomplete
+
+so k * (2 + 2) + 4 bytes per token (260 B at k = 64 with a vocabulary of up to 65536 tokens), against 2 * V for
+full fp16 logits. How the loss uses the tail is in edgeconv.distill.losses.
+
+The cache is keyed by the teacher's fingerprint, the sha256 of the token ids, the number of rows, seq_len, k,
+T and the vocabulary size; a cache made for anything else is refused (rebuilding it needs --force). Under
+several processes each fills the rows r, r + P, r + 2P, ... into the same memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgeconv.distill.losses import TopK, teacher_topk
+from edgeconv.errors import EdgeconvError
+from edgeconv.io.output_dir import stage_key
+
+FORMAT = "edgeconv-teacher-topk"
+VERSION = 1
+BUILDING = "building.json"  # the spec of a cache being written
+MANIFEST = "manifest.json"
+FP16_MIN = float(np.finfo(np.float16).min)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    teacher_fingerprint: str
+    tokens_sha256: str
+    sequences: int
+    seq_len: int
+    top_k: int
+    temperature: float
+    vocab_size: int
+
+    @property
+    def key(self) -> str:
+        return stage_key("teacher-cache", {"format": FORMAT, "version": VERSION}, asdict(self))
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if self.vocab_size <= 65536 else np.int32)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.top_k * (2 + self.index_dtype.itemsize) + 4
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        m, l, k = self.sequences, self.seq_len, self.top_k
+        return {"values": ((m, l, k), np.dtype(np.float16)), "indices": ((m, l, k), self.index_dtype),
+                "tail": ((m, l), np.dtype(np.float32)), "done": ((m,), np.dtype(np.uint8))}
+
+
+class TeacherCache:
+    """The memory-mapped arrays of a cache directory."""
+
+    def __init__(self, path: Path, spec: CacheSpec, writable: bool = False):
+        self.path, self.spec = Path(path), spec
+        mode = "r+" if writable else "r"
+        self.arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode=mode) for name in spec.shapes()}
+
+    def targets(self, rows: torch.Tensor) -> TopK:
+        """The cached teacher targets of these rows, as tensors (log-probs in fp32, ids as int64)."""
+        idx = np.sort(rows.numpy())
+        order = np.argsort(np.argsort(rows.numpy()))  # reading rows in file order is faster; restore the order
+        a = self.arrays
+        return TopK(torch.from_numpy(a["values"][idx][order].astype(np.float32)),
+                    torch.from_numpy(a["indices"][idx][order].astype(np.int64)),
+                    torch.from_numpy(np.ascontiguousarray(a["tail"][idx][order])))
+
+    def missing_rows(self) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.arrays["done"]) == 0)
+
+    def write(self, rows: np.ndarray, target: TopK) -> None:
+        a = self.arrays
+        a["values"][rows] = target.logp.clamp(min=FP16_MIN).to(torch.float16).numpy()
+        a["indices"][rows] = target.ids.numpy().astype(self.spec.index_dtype)
+        a["tail"][rows] = target.tail_logp.float().numpy()
+        for name in ("values", "indices", "tail"):
+            a[name].flush()
+        a["done"][rows] = 1  # only after the data is on its way to disk
+        a["done"].flush()
+
+    def nbytes(self) -> int:
+        return sum((self.path / f"{name}.npy").stat().st_size for name in self.spec.shapes())
+
+
+def cache_status(path: Path, spec: CacheSpec) -> tuple[str, str]:
+    """(state, why): state is 'complete', 'partial' (this spec, being written), 'absent', 'other' (a cache made
+    for something else: rebuilt only when forced) or 'foreign' (not a cache at all: never overwritten)."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return "absent", ""
+    for name, state in ((MANIFEST, "complete"), (BUILDING, "partial")):
+        try:
+            found = json.loads((path / name).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if found.get("key") == spec.key:
+            return state, ""
+        return "other", _difference(path, found.get("spec", {}), asdict(spec))
+    return "foreign", f"{path} exists and is not a teacher cache"
+
+
+def _difference(path: Path, found: dict, wanted: dict) -> str:
+    diffs = [f"{k} {found.get(k)!r:.20} (this run: {v!r:.20})" for k, v in wanted.items() if found.get(k) != v]
+    return f"teacher cache {path} was made for another run: {', '.join(diffs) or 'another format'}"
+
+
+def open_for_writing(path: Path, spec: CacheSpec, status: str) -> None:
+    """Create the arrays (or keep a partial cache of this spec), to be filled by `fill`. Main process only."""
+    path = Path(path)
+    if status == "partial":
+        return
+    if path.exists():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.mkdir(parents=True)
+    for name, (shape, dtype) in spec.shapes().items():
+        arr = np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+        del arr  # zero-filled (sparse) files
+    (path / BUILDING).write_text(json.dumps({"key": spec.key, "spec": asdict(spec)}, indent=1) + "\n")
+
+
+@torch.no_grad()
+def fill(cache: TeacherCache, teacher: torch.nn.Module, ids: torch.Tensor, rows: np.ndarray, micro_batch: int,
+         device: torch.device, autocast: Callable, on_rows: Callable[[int], None] = lambda n: None) -> None:
+    """Run the teacher over `rows` of `ids` and write their top-k targets, `micro_batch` rows at a time."""
+    spec = cache.spec
+    for start in range(0, len(rows), micro_batch):
+        chunk = rows[start:start + micro_batch]
+        x = ids[torch.from_numpy(chunk)].long().to(device)
+        with autocast():
+            logits = teacher(input_ids=x, use_cache=False).logits
+        target = teacher_topk(logits, spec.top_k, spec.temperature)
+        cache.write(chunk, TopK(*(t.cpu() for t in (target.logp, target.ids, target.tail_logp))))
+        on_rows(len(chunk))
+
+
+def finish(path: Path, spec: CacheSpec) -> dict:
+    """Check every row is written, then write the manifest (last: it marks the cache complete)."""
+    cache = TeacherCache(path, spec)
+    missing = cache.missing_rows()
+    if len(missing):
+        raise EdgeconvError(f"teacher cache {path} misses {len(missing)} rows after the caching pass",
+                            "run the same command again to fill them")
+    manifest = {"format": FORMAT, "version": VERSION, "key": spec.key, "spec": asdict(spec),
+                "bytes": cache.nbytes(), "bytes_per_token": spec.bytes_per_token,
+                "layout": {name: {"shape": list(shape), "dtype": dtype.name}
+                           for name, (shape, dtype) in spec.shapes().items()}}
+    tmp = Path(path) / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, Path(path) / MANIFEST)
+    (Path(path) / BUILDING).unlink(missing_ok=True)
+    return manifest

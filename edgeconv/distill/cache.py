@@ -154,8 +154,9 @@ def fill(cache: TeacherCache, teacher: torch.nn.Module, ids: torch.Tensor, rows:
         on_rows(len(chunk))
 
 
-def finish(path: Path, spec: CacheSpec) -> dict:
-    """Check every row is written, then write the manifest (last: it marks the cache complete)."""
+def finish(path: Path, spec: CacheSpec, seconds: float | None = None) -> dict:
+    """Check every row is written, then write the manifest (last: it marks the cache complete). `seconds`: how
+    long this process's caching pass took (None when it only completed an interrupted one)."""
     cache = TeacherCache(path, spec)
     missing = cache.missing_rows()
     if len(missing):
@@ -163,6 +164,8 @@ def finish(path: Path, spec: CacheSpec) -> dict:
                             "run the same command again to fill them")
     manifest = {"format": FORMAT, "version": VERSION, "key": spec.key, "spec": asdict(spec),
                 "bytes": cache.nbytes(), "bytes_per_token": spec.bytes_per_token,
+                "seconds": None if seconds is None else round(seconds, 2),
+                "tokens_per_second": round(spec.sequences * spec.seq_len / seconds, 1) if seconds else None,
                 "layout": {name: {"shape": list(shape), "dtype": dtype.name}
                            for name, (shape, dtype) in spec.shapes().items()}}
     tmp = Path(path) / f".{MANIFEST}.tmp"

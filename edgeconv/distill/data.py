@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgeconv.calibration.data import iter_documents
@@ -33,18 +34,17 @@ def pack_tokens(tokenizer, path: Path, sequences: int, seq_len: int, batch_size:
     from (e.g. "--tokens 65536 = 16 steps x --batch-size 16 x --seq-len 256").
     """
     need = sequences * seq_len
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    documents = 0
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    parts: list[np.ndarray] = []  # int32 per document: 4 bytes a token, not a Python int each
+    count = documents = 0
     chunk: list[str] = []
 
     def flush() -> None:
-        nonlocal documents
+        nonlocal count, documents
         # verbose=False: documents longer than the model's context are fine here, they are cut into rows.
         for row in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
-            ids.extend(row)
-            if eos is not None:
-                ids.append(eos)
+            parts.append(np.asarray(row + eos, dtype=np.int32))
+            count += len(parts[-1])
             documents += 1
         chunk.clear()
 
@@ -53,20 +53,20 @@ def pack_tokens(tokenizer, path: Path, sequences: int, seq_len: int, batch_size:
             chunk.append(text)
         if len(chunk) >= TOKENIZE_CHUNK:
             flush()
-            if len(ids) >= need:
+            if count >= need:
                 break
     if chunk:
         flush()
-    if len(ids) < need:
+    if count < need:
         per_step = batch_size * seq_len
-        fits = len(ids) // per_step * per_step
+        fits = count // per_step * per_step
         raise EdgeconvError(
-            f"--data {path} has {len(ids):,} tokens ({documents} documents), the token budget needs {need:,}"
+            f"--data {path} has {count:,} tokens ({documents} documents), the token budget needs {need:,}"
             + (f" ({budget})" if budget else ""),
             f"add text, or lower --tokens to at most {fits:,}" if fits else
             "add text, or lower --batch-size or --seq-len",
         )
-    data = torch.tensor(ids[:need], dtype=torch.int32).view(sequences, seq_len)
+    data = torch.from_numpy(np.concatenate(parts)[:need].copy()).view(sequences, seq_len)
     info = {"path": str(path), "tokens": need, "seq_len": seq_len, "sequences": sequences, "documents": documents,
             "sha256": hashlib.sha256(data.numpy().tobytes()).hexdigest()}
     return data, info

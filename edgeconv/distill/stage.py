@@ -240,6 +240,8 @@ def _build_cache(accelerator, path: Path, spec: cache_mod.CacheSpec, t_ckpt: Che
     rows = rows[rows % world == rank]
     log(f"teacher cache {path}: {len(writer.missing_rows()):,} of {spec.sequences:,} sequences to compute "
         f"({spec.bytes_per_token} bytes per token)")
+    started = time.perf_counter()
+    complete_pass = len(writer.missing_rows()) == spec.sequences
     if len(rows):
         model = load_model(t_ckpt, "teacher", dtype, accelerator.device).eval()
         micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
@@ -251,7 +253,8 @@ def _build_cache(accelerator, path: Path, spec: cache_mod.CacheSpec, t_ckpt: Che
         gc.collect()
     del writer
     accelerator.wait_for_everyone()
-    manifest = cache_mod.finish(path, spec) if accelerator.is_main_process else {}
+    seconds = time.perf_counter() - started if complete_pass else None  # teacher loading included
+    manifest = cache_mod.finish(path, spec, seconds) if accelerator.is_main_process else {}
     accelerator.wait_for_everyone()
     return manifest or json.loads((path / cache_mod.MANIFEST).read_text())
 

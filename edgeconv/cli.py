@@ -415,8 +415,9 @@ def distill(teacher, student, data, tokens, seq_len, batch_size, grad_accum, lr,
     AdamW with warm-up and cosine decay over packed sequences; the result is a stock transformers checkpoint
     in --out, with metrics.jsonl (one line per step), loss.png and manifest.json. Checkpoints are written every
     --checkpoint-every steps: rerunning an interrupted command resumes where it stopped and ends with the
-    same weights; rerunning a finished one does nothing. The same command runs on several processes or GPUs
-    under `torchrun` or `accelerate launch` (DDP; FSDP with an accelerate config).
+    same weights; rerunning a finished one does nothing. The same command runs on several processes under
+    `torchrun` (CPUs or GPUs) or `accelerate launch --multi_gpu` (DDP; FSDP with an accelerate config, see
+    edgeconv/distill/fsdp_accelerate_config.yaml); the loss is the one-process loss.
 
     \b
     Examples:

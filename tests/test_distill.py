@@ -31,9 +31,10 @@ from edgeconv.stages.assemble import assemble
 
 from test_bad_inputs import assert_error
 
-# One small run shared by the CLI tests: 8 steps of 8 sequences of 32 tokens, two micro-batches per step.
+# One small run shared by the CLI tests: 8 steps of 8 sequences of 32 tokens, two micro-batches per step, KL at
+# T = 2 mixed with a quarter of cross-entropy.
 RUN = ["--tokens", "2048", "--seq-len", "32", "--batch-size", "8", "--grad-accum", "2", "--lr", "3e-3",
-       "--checkpoint-every", "3", "--no-progress"]
+       "--temperature", "2", "--ce-weight", "0.25", "--checkpoint-every", "3", "--no-progress"]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (below)
 
 
@@ -217,6 +218,8 @@ def uninterrupted(pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "out"
     result = cli("--teacher", teacher, "--student", student, "--data", corpus, *RUN, "--out", out)
     assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows] == pytest.approx([0.75 * r["kl"] + 0.25 * r["ce"] for r in rows], rel=1e-6)
     return out
 
 

@@ -7,7 +7,7 @@ edgeconv.distill.data, not in training order, so one cache serves any seed, lear
     values.npy    float16 [sequences, seq_len, k]   log p_i of the k most likely tokens at temperature T, sorted
     indices.npy   uint16 (vocab <= 65536) or int32 [sequences, seq_len, k]   their token ids
     tail.npy      float32 [sequences, seq_len]      log(1 - sum of the k probabilities), from the full softmax
-    done.npy      uint8 [sequences]                 1 once a row is written (an interrupted pass resumes)
+    done.npy      uint8 [sequences]                 1 once a row is on disk (an interrupted pass resumes)
     manifest.json what the cache is for, written last: a cache without it is incomplete
 
 so k * (2 + 2) + 4 bytes per token (260 B at k = 64 with a vocabulary of up to 65536 tokens), against 2 * V for
@@ -15,7 +15,8 @@ full fp16 logits. How the loss uses the tail is in edgeconv.distill.losses.
 
 The cache is keyed by the teacher's fingerprint, the sha256 of the token ids, the number of rows, seq_len, k,
 T and the vocabulary size; a cache made for anything else is refused (rebuilding it needs --force). Under
-several processes each fills the rows r, r + P, r + 2P, ... into the same memory-mapped files.
+several processes each fills the rows r, r + P, r + 2P, ... of the same files. Rows are read and written with
+positional I/O, not memory maps, so the cache never counts in the resident set of the training process.
 """
 
 from __future__ import annotations
@@ -69,35 +70,70 @@ class CacheSpec:
                 "tail": ((m, l), np.dtype(np.float32)), "done": ((m,), np.dtype(np.uint8))}
 
 
+class _RowFile:
+    """One .npy array read and written a row (its first axis) at a time with positional I/O.
+
+    Not memory-mapped, for the reason edgeconv.io.safetensors_reader gives: every mapped page touched stays in
+    the resident set, so a long run would look like it held the whole cache in memory."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, writable: bool):
+        self.fh = open(path, "r+b" if writable else "rb")
+        version = np.lib.format.read_magic(self.fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        found_shape, fortran, found_dtype = read_header(self.fh)
+        if tuple(found_shape) != tuple(shape) or found_dtype != dtype or fortran:
+            raise EdgeconvError(f"teacher cache file {path} holds {found_dtype} {tuple(found_shape)}, "
+                                f"expected {dtype} {tuple(shape)}", "pass --force to rebuild the cache")
+        self.offset, self.shape, self.dtype = self.fh.tell(), tuple(shape), dtype
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        fd = self.fh.fileno()
+        data = b"".join(os.pread(fd, self.row_bytes, self.offset + int(r) * self.row_bytes) for r in rows)
+        return np.frombuffer(data, dtype=self.dtype).reshape(len(rows), *self.shape[1:])
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        fd = self.fh.fileno()
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        for r, row in zip(rows, values):
+            os.pwrite(fd, row.tobytes(), self.offset + int(r) * self.row_bytes)
+
+    def sync(self) -> None:
+        os.fsync(self.fh.fileno())
+
+
 class TeacherCache:
-    """The memory-mapped arrays of a cache directory."""
+    """The arrays of a cache directory, read (and, in the caching pass, written) row by row."""
 
     def __init__(self, path: Path, spec: CacheSpec, writable: bool = False):
         self.path, self.spec = Path(path), spec
-        mode = "r+" if writable else "r"
-        self.arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode=mode) for name in spec.shapes()}
+        self.files = {name: _RowFile(self.path / f"{name}.npy", shape, dtype, writable)
+                      for name, (shape, dtype) in spec.shapes().items()}
 
     def targets(self, rows: torch.Tensor) -> TopK:
         """The cached teacher targets of these rows, as tensors (log-probs in fp32, ids as int64)."""
-        idx = np.sort(rows.numpy())
-        order = np.argsort(np.argsort(rows.numpy()))  # reading rows in file order is faster; restore the order
-        a = self.arrays
-        return TopK(torch.from_numpy(a["values"][idx][order].astype(np.float32)),
-                    torch.from_numpy(a["indices"][idx][order].astype(np.int64)),
-                    torch.from_numpy(np.ascontiguousarray(a["tail"][idx][order])))
+        r = rows.numpy()
+        f = self.files
+        return TopK(torch.from_numpy(f["values"].read(r).astype(np.float32)),
+                    torch.from_numpy(f["indices"].read(r).astype(np.int64)),
+                    torch.from_numpy(f["tail"].read(r).copy()))
 
     def missing_rows(self) -> np.ndarray:
-        return np.flatnonzero(np.asarray(self.arrays["done"]) == 0)
+        return np.flatnonzero(self.files["done"].read(np.arange(self.spec.sequences)) == 0)
 
     def write(self, rows: np.ndarray, target: TopK) -> None:
-        a = self.arrays
-        a["values"][rows] = target.logp.clamp(min=FP16_MIN).to(torch.float16).numpy()
-        a["indices"][rows] = target.ids.numpy().astype(self.spec.index_dtype)
-        a["tail"][rows] = target.tail_logp.float().numpy()
+        f = self.files
+        f["values"].write(rows, target.logp.clamp(min=FP16_MIN).to(torch.float16).numpy())
+        f["indices"].write(rows, target.ids.numpy())
+        f["tail"].write(rows, target.tail_logp.float().numpy())
         for name in ("values", "indices", "tail"):
-            a[name].flush()
-        a["done"][rows] = 1  # only after the data is on its way to disk
-        a["done"].flush()
+            f[name].sync()
+        f["done"].write(rows, np.ones(len(rows), dtype=np.uint8))  # only once the data is on disk
+        f["done"].sync()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.fh.close()
 
     def nbytes(self) -> int:
         return sum((self.path / f"{name}.npy").stat().st_size for name in self.spec.shapes())
@@ -135,7 +171,7 @@ def open_for_writing(path: Path, spec: CacheSpec, status: str) -> None:
     path.mkdir(parents=True)
     for name, (shape, dtype) in spec.shapes().items():
         arr = np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-        del arr  # zero-filled (sparse) files
+        del arr  # header written, data zero-filled (a sparse file: no page is touched)
     (path / BUILDING).write_text(json.dumps({"key": spec.key, "spec": asdict(spec)}, indent=1) + "\n")
 
 
@@ -159,6 +195,7 @@ def finish(path: Path, spec: CacheSpec, seconds: float | None = None) -> dict:
     long this process's caching pass took (None when it only completed an interrupted one)."""
     cache = TeacherCache(path, spec)
     missing = cache.missing_rows()
+    cache.close()
     if len(missing):
         raise EdgeconvError(f"teacher cache {path} misses {len(missing)} rows after the caching pass",
                             "run the same command again to fill them")

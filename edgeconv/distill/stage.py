@@ -81,6 +81,8 @@ def distill(
     log: Callable[[str], None] = lambda msg: None,
 ) -> DistillResult:
     cfg = config or DistillConfig()
+    if cache_only and cfg.mode != "offline":
+        raise EdgeconvError("--cache-only builds the offline teacher cache", "pass --mode offline with it")
     out = Path(out).absolute()
     t_ckpt, s_ckpt = Checkpoint.open(teacher), Checkpoint.open(student)
     check_pair(t_ckpt, s_ckpt)
@@ -128,8 +130,6 @@ def distill(
             return DistillResult(out, False, {}, cache_manifest)
         teacher_source = CachedTeacher(cache_mod.TeacherCache(cache_path, spec))
     else:
-        if cache_only:
-            raise EdgeconvError("--cache-only builds the offline teacher cache", "pass --mode offline with it")
         teacher_source = OnlineTeacher(load_model(t_ckpt, "teacher", teacher_dtype, device))
 
     torch.manual_seed(cfg.seed)
@@ -236,12 +236,12 @@ def _build_cache(accelerator, path: Path, spec: cache_mod.CacheSpec, t_ckpt: Che
     accelerator.wait_for_everyone()
     world, rank = accelerator.num_processes, accelerator.process_index
     writer = cache_mod.TeacherCache(path, spec, writable=True)
-    rows = writer.missing_rows()
-    rows = rows[rows % world == rank]
-    log(f"teacher cache {path}: {len(writer.missing_rows()):,} of {spec.sequences:,} sequences to compute "
+    missing = writer.missing_rows()
+    rows = missing[missing % world == rank]
+    log(f"teacher cache {path}: {len(missing):,} of {spec.sequences:,} sequences to compute "
         f"({spec.bytes_per_token} bytes per token)")
     started = time.perf_counter()
-    complete_pass = len(writer.missing_rows()) == spec.sequences
+    complete_pass = len(missing) == spec.sequences
     if len(rows):
         model = load_model(t_ckpt, "teacher", dtype, accelerator.device).eval()
         micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
@@ -251,7 +251,7 @@ def _build_cache(accelerator, path: Path, spec: cache_mod.CacheSpec, t_ckpt: Che
                            on_rows=lambda n: bar.update(task, advance=n * spec.seq_len))
         del model
         gc.collect()
-    del writer
+    writer.close()
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started if complete_pass else None  # teacher loading included
     manifest = cache_mod.finish(path, spec, seconds) if accelerator.is_main_process else {}

@@ -121,7 +121,8 @@ def train(accelerator, student: torch.nn.Module, teacher, ids: torch.Tensor, ord
                     with accelerator.autocast():
                         logits = student(input_ids=x, use_cache=False).logits
                     kl = teacher.kl(logits, x, mrows, cfg.temperature, accelerator.autocast)
-                    ce = next_token_ce(logits, x)
+                    with torch.no_grad() if not cfg.ce_weight else nullcontext():  # logged either way
+                        ce = next_token_ce(logits, x)
                     loss = (1 - cfg.ce_weight) * kl + cfg.ce_weight * ce if cfg.ce_weight else kl
                     accelerator.backward(loss / cfg.grad_accum)
                 parts += torch.stack([loss.detach(), kl.detach(), ce.detach()]).float().cpu() / cfg.grad_accum

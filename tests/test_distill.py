@@ -11,25 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_bad_inputs import assert_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tiny
 from edgeconv.cli import main
 from edgeconv.distill import DistillConfig, distill
 from edgeconv.distill import cache as cache_mod
 from edgeconv.distill.data import pack_tokens, sequence_order, step_rows
-from edgeconv.distill.losses import TopK, forward_kl, teacher_topk, topk_kl
+from edgeconv.distill.losses import forward_kl, teacher_topk, topk_kl
 from edgeconv.distill.stage import work_dir
 from edgeconv.distill.trainer import KILL_AFTER_STEP
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.simple_planner import simple_plan
 from edgeconv.stages.assemble import assemble
-
-from test_bad_inputs import assert_error
 
 # One small run shared by the CLI tests: 8 steps of 8 sequences of 32 tokens, two micro-batches per step, KL at
 # T = 2 mixed with a quarter of cross-entropy.
@@ -258,6 +257,20 @@ def test_two_ddp_processes_match_one(pair, uninterrupted, tmp_path):
     # fp32 only the order of the sums differs (measured: <= 2e-7 relative over the 8 steps); a process training
     # on the wrong rows or a wrong average moves the first loss by more than 1e-3.
     assert two == pytest.approx(one, rel=1e-5, abs=0)
+
+
+def test_force_discards_another_runs_checkpoints(pair, tmp_path):
+    teacher, student, corpus = pair
+    out = tmp_path / "out"
+    stale = work_dir(out) / "checkpoints" / "step-00000003"
+    stale.mkdir(parents=True)
+    (stale / "edgeconv_state.json").write_text(json.dumps({"step": 3, "run_key": "someone-else"}))
+    cfg = DistillConfig(tokens=512, seq_len=32, batch_size=8)
+    with pytest.raises(EdgeconvError, match="holds checkpoints of another distillation run.*--force"):
+        distill(teacher, student, corpus, out, cfg, progress=False)
+    assert stale.is_dir()  # refused: nothing removed
+    result = distill(teacher, student, corpus, out, cfg, force=True, progress=False)
+    assert result.manifest["summary"]["resumed_from_step"] == 0 and len(losses(out)) == 2
 
 
 # --- bad inputs -----------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ class DistillConfig(BaseModel):
             name = str(first["loc"][0]) if first["loc"] else "options"
             value = options.get(name, "")
             raise EdgeconvError(f"--{name.replace('_', '-')} {value}: {first['msg'].lower()}",
-                                f"see `edgeconv distill --help`")
+                                "see `edgeconv distill --help`")
 
     @property
     def tokens_per_step(self) -> int:

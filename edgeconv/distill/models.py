@@ -9,8 +9,6 @@ map and the same ids for a probe text).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from edgeconv.errors import EdgeconvError

@@ -34,13 +34,25 @@ from edgeconv.distill import cache as cache_mod
 from edgeconv.distill import checkpoint, metrics
 from edgeconv.distill.config import DistillConfig
 from edgeconv.distill.data import check_split, pack_tokens, sequence_order
-from edgeconv.distill.models import (check_pair, check_same_tokenizer, has_tokenizer, load_model, load_tokenizer,
-                                     weights_dtype)
+from edgeconv.distill.models import (
+    check_pair,
+    check_same_tokenizer,
+    has_tokenizer,
+    load_model,
+    load_tokenizer,
+    weights_dtype,
+)
 from edgeconv.distill.trainer import CachedTeacher, OnlineTeacher, train
 from edgeconv.errors import EdgeconvError
-from edgeconv.io.checkpoint import SIDECAR_FILES, Checkpoint
-from edgeconv.io.output_dir import (atomic_output_dir, check_can_write, finished_output, sha256_file, stage_key,
-                                    write_manifest)
+from edgeconv.io.checkpoint import Checkpoint
+from edgeconv.io.output_dir import (
+    atomic_output_dir,
+    check_can_write,
+    finished_output,
+    sha256_file,
+    stage_key,
+    write_manifest,
+)
 from edgeconv.progress import token_progress
 
 STAGE = "distill"
@@ -172,7 +184,7 @@ def _check_sizes(cfg: DistillConfig, teacher: Checkpoint, student: Checkpoint) -
     vocab = int(student.config["vocab_size"])
     if cfg.mode == "offline" and cfg.top_k >= vocab:
         raise EdgeconvError(f"--top-k {cfg.top_k} leaves no tail of the {vocab}-token vocabulary",
-                            f"cache fewer tokens (typically 32-128), or distill --mode online (full vocabulary)")
+                            "cache fewer tokens (typically 32-128), or distill --mode online (full vocabulary)")
 
 
 def _read_run(work: Path) -> dict:

@@ -273,6 +273,17 @@ def test_force_discards_another_runs_checkpoints(pair, tmp_path):
     assert result.manifest["summary"]["resumed_from_step"] == 0 and len(losses(out)) == 2
 
 
+def test_bf16_autocast_on_request_on_cpu(pair, tmp_path):
+    teacher, student, corpus = pair
+    cfg = DistillConfig(tokens=512, seq_len=32, batch_size=8)
+    fp32 = distill(teacher, student, corpus, tmp_path / "fp32", cfg, progress=False).manifest["summary"]
+    bf16 = distill(teacher, student, corpus, tmp_path / "bf16", cfg.model_copy(update={"precision": "bf16"}),
+                   progress=False).manifest["summary"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")  # auto is fp32 on CPU
+    # Autocast really ran (bf16 matmuls round to 8 bits of mantissa), and stayed close.
+    assert bf16["final_loss"] != fp32["final_loss"] and bf16["final_loss"] == pytest.approx(fp32["final_loss"], rel=2e-2)
+
+
 # --- bad inputs -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

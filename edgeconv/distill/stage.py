@@ -119,10 +119,7 @@ def distill(
     work = work_dir(out)
     _check_work(work, key, inputs, options, force)
 
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if precision == "bf16" else "no")
+    accelerator = _accelerator(precision)
     check_split(cfg.batch_size, cfg.grad_accum, accelerator.num_processes)  # before the caching pass too
     main = accelerator.is_main_process
     if main:
@@ -173,6 +170,19 @@ def distill(
         _remove_work(work, Path(teacher_cache).absolute() if teacher_cache else None)
     accelerator.wait_for_everyone()
     return DistillResult(out, False, manifest, cache_manifest)
+
+
+def _accelerator(precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed = "bf16" if precision == "bf16" else "no"
+    known = AcceleratorState._shared_state.get("_mixed_precision")
+    if known not in (None, mixed):
+        # A second run in this process (a library caller, a test) at another precision: accelerate keeps one
+        # process-wide state and refuses to change it. Its process group and device (PartialState) stay.
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed)
 
 
 def _check_sizes(cfg: DistillConfig, teacher: Checkpoint, student: Checkpoint) -> None:

@@ -291,6 +291,8 @@ def _save_student(model: torch.nn.Module, state: dict, dtype: torch.dtype, out: 
             cast[ptr] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
         weights[name] = cast[ptr]
     model.save_pretrained(out, state_dict=weights, safe_serialization=True)
+    for path in out.glob("*.safetensors"):  # written owner-only (0600); a shipped model is world-readable
+        path.chmod(0o644)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     for k in ("dtype", "torch_dtype"):

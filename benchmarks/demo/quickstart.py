@@ -1,10 +1,10 @@
-"""Quickstart until the shipped demo teacher lands: build a small random Qwen3-MoE here, then run the
-pipeline on it with the real CLI: inspect -> convert (calibrate + plan + assemble) -> export to GGUF.
+"""Quickstart: the pipeline on the shipped demo teacher (demo-moe, the default MODEL) with the real CLI:
+inspect -> convert (calibrate + plan + assemble) -> eval -> export to GGUF -> eval the GGUF in llama.cpp.
 
     python benchmarks/demo/quickstart.py [--workdir DIR]
 
-It also checks the method's anchor on the way: with the router zeroed and top_k = E, the dense model built
-from all experts at 1/E gives the MoE's logits (stock transformers loads the dense result).
+It also checks the method's anchor on the way: on a small random MoE with the router zeroed and top_k = E,
+the dense model built from all experts at 1/E gives the MoE's logits (stock transformers loads it).
 """
 
 from __future__ import annotations
@@ -69,13 +69,14 @@ def main() -> None:
     corpus = work / "corpus.jsonl"
     write_corpus(corpus)
 
-    # 1. The pipeline on a top-2 teacher: DO-ACP keeps 2 of 8 experts per layer (the active width).
-    teacher, dense = work / "teacher", work / "dense"
-    build_teacher(teacher, corpus, uniform=False)
-    edgeconv("inspect", str(teacher))
-    edgeconv("convert", str(teacher), "--data", str(corpus), "--tokens", "8192", "--seq-len", "256",
-             "--out", str(dense), "--force")
+    # 1. The shipped teacher (16 experts, top-2): DO-ACP keeps 2 experts per layer (the active width).
+    dense = work / "dense"
+    quick = ["--tokens", "4096", "--examples", "10", "--choices", "40", "--no-progress"]
+    edgeconv("inspect")
+    edgeconv("convert", "--out", str(dense), "--force", "--no-progress")
+    edgeconv("eval", str(dense), *quick)
     edgeconv("export", str(dense), "--quant", "Q8_0", "--out", str(work / "dense-Q8_0.gguf"), "--force")
+    edgeconv("eval", str(work / "dense-Q8_0.gguf"), *quick)
 
     # 2. The anchor: uniform routing over all experts == the dense model of all experts at 1/E.
     uniform, exact = work / "uniform-teacher", work / "uniform-dense"

@@ -2,8 +2,10 @@
 Qwen3 of the same total parameter count (its FFN is as wide as all 16 experts side by side).
 
     python benchmarks/demo/train.py tokenizer               # corpus splits + BPE tokenizer (seconds)
-    python benchmarks/demo/train.py moe   --steps 450       # the teacher, about 30 min on 2 cores
-    python benchmarks/demo/train.py dense --steps 220       # the dense model, the same wall-clock budget
+    python benchmarks/demo/train.py moe   --steps 450       # teacher phase 1, ~23 min of compute on 2 cores
+    python benchmarks/demo/train.py moe   --phase anneal --steps 500 --batch 8 --lr 1e-3 --warmup 20 --every 100
+    python benchmarks/demo/train.py dense --steps 212       # dense phase 1, the same compute time
+    python benchmarks/demo/train.py dense --phase anneal --steps 250 --batch 8 --lr 1e-3 --warmup 20 --every 50
     python benchmarks/demo/train.py ship                    # bf16 weights + tokenizer + eval data into the package
 
 Data: see corpus.py (Shakespeare, Python docs, the synthetic skills of edgeconv.evaluation.skills), mixed
@@ -35,6 +37,13 @@ SEED = 0
 SEQ = 256
 VOCAB = 4096
 MIX = {"shakespeare": 0.35, "pydocs": 0.35, "skills": 0.30}
+# Phase 2 ("anneal"): from phase 1's weights, a skill-heavy mix, smaller batches (more updates per token) and
+# a lower peak learning rate. Phase 1 used the harder skill sizes of edgeconv commit 1d5f0c1 (5-digit
+# addition, 2-5 words to copy, ...); after it the teacher solved only `brackets`, so the skills were
+# shortened (see edgeconv/evaluation/skills.py) and phase 2 trains on the short ones, stored separately.
+ANNEAL_MIX = {"shakespeare": 0.25, "pydocs": 0.25, "skills": 0.50}
+SKILLS_FILE = {"main": "skills", "anneal": "skills-short"}
+PHASE = "main"
 SKILL_SEEDS = {"train": 1, "valid": 2, "test": 3}
 HELD_OUT_SKILLS = 200  # per skill, in valid and in test
 ARCH = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
@@ -93,7 +102,7 @@ def prepare() -> None:
                 ids = [i for enc in tok(docs, add_special_tokens=False)["input_ids"] for i in enc + [tok.eos_token_id]]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(path, np.array(ids, dtype=np.int32))
-        path = WORK / "tokens" / f"{split}-skills.npy"
+        path = WORK / "tokens" / f"{split}-{SKILLS_FILE[PHASE]}.npy"
         if not path.exists():
             lines = train_skill_lines(400_000) if split == "train" else \
                 [e.text for e in skills.examples(SKILL_SEEDS["valid"], HELD_OUT_SKILLS * 6)]
@@ -105,14 +114,17 @@ def prepare() -> None:
 
 # ---------------------------------------------------------------------------------------------- training
 def streams(split: str) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(np.load(WORK / "tokens" / f"{split}-{name}.npy").astype(np.int64)) for name in MIX}
+    files = {"shakespeare": "shakespeare", "pydocs": "pydocs", "skills": SKILLS_FILE[PHASE]}
+    return {name: torch.from_numpy(np.load(WORK / "tokens" / f"{split}-{f}.npy").astype(np.int64))
+            for name, f in files.items()}
 
 
 def batch(data: dict[str, torch.Tensor], step: int, size: int) -> torch.Tensor:
     """[size, SEQ + 1] windows; which source and where depend only on (SEED, step)."""
-    g = torch.Generator().manual_seed(SEED * 1_000_003 + step)
-    names = list(MIX)
-    picks = torch.multinomial(torch.tensor([MIX[n] for n in names]), size, replacement=True, generator=g)
+    g = torch.Generator().manual_seed(SEED * 1_000_003 + step + (500_000 if PHASE == "anneal" else 0))
+    mix = ANNEAL_MIX if PHASE == "anneal" else MIX
+    names = list(mix)
+    picks = torch.multinomial(torch.tensor([mix[n] for n in names]), size, replacement=True, generator=g)
     rows = []
     for p in picks.tolist():
         s = data[names[p]]
@@ -164,10 +176,14 @@ def loss_of(model, x: torch.Tensor, aux: bool = False):
 
 def train(kind: str, steps: int, batch_size: int, peak_lr: float, warmup: int, every: int) -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count() or 2)))
-    out = WORK / kind
+    out = WORK / (kind if PHASE == "main" else f"{kind}-anneal")
     ckpt = out / "checkpoint.pt"
     out.mkdir(parents=True, exist_ok=True)
     model = make_model(kind)
+    if PHASE == "anneal":  # continue from phase 1's weights with a fresh optimizer
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(WORK / kind / "final").state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
     start, elapsed = 0, 0.0
     if ckpt.exists():
@@ -211,28 +227,38 @@ def train(kind: str, steps: int, batch_size: int, peak_lr: float, warmup: int, e
             print(f"{kind} step {step + 1}/{steps} loss {row['loss']:.3f} {tps:.0f} tok/s "
                   f"{row.get('valid', '')}", flush=True)
     model.save_pretrained(out / "final")
-    plot(out)
+    plot(kind)
 
 
-def plot(out: Path) -> None:
+def plot(kind: str) -> None:
+    """Both phases on one token axis, phase 2 after the dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(out / "log.jsonl")]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["tokens"] / 1e6 for r in rows], [r["loss"] for r in rows], lw=0.8, label="train")
-    for name in MIX:
-        v = [(r["tokens"] / 1e6, r["valid"][name]) for r in rows if "valid" in r]
-        ax.plot(*zip(*v), marker="o", ms=3, label=f"valid {name}")
+    offset = 0
+    for phase, tag in (("main", ""), ("anneal", " (phase 2)")):
+        path = WORK / (kind if phase == "main" else f"{kind}-anneal") / "log.jsonl"
+        if not path.exists():
+            continue
+        rows = [json.loads(line) for line in open(path)]
+        ax.plot([(offset + r["tokens"]) / 1e6 for r in rows], [r["loss"] for r in rows], lw=0.8, color="tab:blue",
+                label="train" if phase == "main" else None)
+        for name, color in zip(MIX, ("tab:orange", "tab:green", "tab:red")):
+            v = [((offset + r["tokens"]) / 1e6, r["valid"][name]) for r in rows if "valid" in r]
+            ax.plot(*zip(*v), marker="o", ms=3, color=color, label=f"valid {name}{tag}")
+        if phase == "anneal":
+            ax.axvline(offset / 1e6, color="gray", ls=":", lw=0.8)
+        offset += rows[-1]["tokens"]
     ax.set_xlabel("tokens (M)")
     ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title(f"demo {out.name} training")
-    ax.legend()
+    ax.set_title(f"demo-{kind} training")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
+    fig.savefig(WORK / f"{kind}-loss.png", dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------- shipping
@@ -248,15 +274,19 @@ def ship() -> None:
     from edgeconv.evaluation.data import write_eval_data
 
     for kind, name in (("moe", "demo-moe"), ("dense", "demo-dense")):
-        src = WORK / kind / "final"
+        src = WORK / f"{kind}-anneal" / "final"
         if not src.exists():
             print(f"skip {name}: {src} not trained yet")
             continue
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
         model.save_pretrained(ASSETS / name, max_shard_size="100MB")
         AutoTokenizer.from_pretrained(WORK / "tokenizer").save_pretrained(ASSETS / name)
-        shutil.copy(WORK / kind / "loss.png", ASSETS / name / "training_loss.png")
-        shutil.copy(WORK / kind / "log.jsonl", ASSETS / name / "training_log.jsonl")
+        plot(kind)
+        shutil.copy(WORK / f"{kind}-loss.png", ASSETS / name / "training_loss.png")
+        with open(ASSETS / name / "training_log.jsonl", "w") as fh:  # both phases, tagged
+            for phase, d in (("main", kind), ("anneal", f"{kind}-anneal")):
+                for line in open(WORK / d / "log.jsonl"):
+                    fh.write(json.dumps({"phase": phase, **json.loads(line)}) + "\n")
         print(f"shipped {name}: {sum(f.stat().st_size for f in (ASSETS / name).iterdir()) / 1e6:.1f} MB")
     data = WORK / "data"
     held_out = {c: [(json.loads(line)["name"], json.loads(line)["text"])
@@ -285,7 +315,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--every", type=int, default=50, help="validate and checkpoint every N steps")
+    p.add_argument("--phase", choices=["main", "anneal"], default="main")
     a = p.parse_args()
+    global PHASE
+    PHASE = a.phase
     prepare()
     if a.what in ("moe", "dense"):
         train(a.what, a.steps, a.batch, a.lr, a.warmup, a.every)
@@ -294,7 +327,7 @@ def main() -> None:
     elif a.what == "plot":
         for kind in ("moe", "dense"):
             if (WORK / kind / "log.jsonl").exists():
-                plot(WORK / kind)
+                plot(kind)
 
 
 if __name__ == "__main__":

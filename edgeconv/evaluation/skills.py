@@ -1,5 +1,7 @@
 """A synthetic skill mixture: short prompts with one exact answer each, so a small model's skills can be
-trained into it (experts tend to specialise on them) and scored by exact match.
+trained into it (experts tend to specialise on them) and scored by exact match. Sizes are small on purpose:
+the demo models see a few million tokens, and copy, recall and reverse need induction-style attention that
+such short training forms only for short inputs.
 
 Every example is one line, `PROMPT ANSWER`, where the prompt ends with `=` and the answer, after one space,
 is what a model must generate, followed by a newline. The space keeps the prompt's last pre-token the same
@@ -38,29 +40,29 @@ def _word(rng: random.Random, lo: int = 3, hi: int = 7) -> str:
 
 @SKILLS.register("add")
 def add(rng: random.Random) -> tuple[str, str]:
-    """Multi-digit addition: add 4821+377= 5198."""
-    a, b = rng.randint(0, 99999), rng.randint(0, 99999)
+    """Two-digit addition: add 48+37= 85."""
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
     return f"add {a}+{b}=", str(a + b)
 
 
 @SKILLS.register("copy")
 def copy(rng: random.Random) -> tuple[str, str]:
-    """Repeat a word sequence: copy kelp dorn ax= kelp dorn ax."""
-    words = " ".join(_word(rng) for _ in range(rng.randint(2, 5)))
+    """Repeat a few short made-up words: copy kel dor= kel dor."""
+    words = " ".join(_word(rng, 2, 4) for _ in range(rng.randint(1, 3)))
     return f"copy {words}=", words
 
 
 @SKILLS.register("reverse")
 def reverse(rng: random.Random) -> tuple[str, str]:
-    """Reverse the letters of a word: reverse abcd= dcba."""
-    w = _word(rng, 4, 9)
+    """Reverse the letters of a short made-up word: reverse abcd= dcba."""
+    w = _word(rng, 3, 5)
     return f"reverse {w}=", w[::-1]
 
 
 @SKILLS.register("sort")
 def sort(rng: random.Random) -> tuple[str, str]:
-    """Sort numbers ascending: sort 5 2 9= 2 5 9."""
-    nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 7))]
+    """Sort digits ascending: sort 5 2 9= 2 5 9."""
+    nums = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
     return f"sort {' '.join(map(str, nums))}=", " ".join(map(str, sorted(nums)))
 
 
@@ -91,8 +93,8 @@ def balanced(s: str) -> bool:
 @SKILLS.register("recall")
 def recall(rng: random.Random) -> tuple[str, str]:
     """Key-value recall: recall a:7 b:3 c:9 b= 3."""
-    keys = rng.sample(string.ascii_lowercase, rng.randint(3, 6))
-    values = {k: rng.randint(0, 99) for k in keys}
+    keys = rng.sample(string.ascii_lowercase, rng.randint(2, 4))
+    values = {k: rng.randint(0, 9) for k in keys}
     pairs = " ".join(f"{k}:{v}" for k, v in values.items())
     key = rng.choice(keys)
     return f"recall {pairs} {key}=", str(values[key])

@@ -38,7 +38,7 @@ SEQ = 256
 VOCAB = 4096
 MIX = {"shakespeare": 0.35, "pydocs": 0.35, "skills": 0.30}
 # Phase 2 ("anneal"): from phase 1's weights, a skill-heavy mix, smaller batches (more updates per token) and
-# a lower peak learning rate. Phase 1 used the harder skill sizes of edgeconv commit 1d5f0c1 (5-digit
+# a lower peak learning rate. Phase 1 used the harder skill sizes of edgeconv commit d807720 (5-digit
 # addition, 2-5 words to copy, ...); after it the teacher solved only `brackets`, so the skills were
 # shortened (see edgeconv/evaluation/skills.py) and phase 2 trains on the short ones, stored separately.
 ANNEAL_MIX = {"shakespeare": 0.25, "pydocs": 0.25, "skills": 0.50}

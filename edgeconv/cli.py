@@ -284,22 +284,33 @@ def methods():
 @click.option("--grouping", default="none", show_default=True)
 @click.option("--scaling", default="cp", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--distill-tokens", type=int, default=0, show_default=True,
+              help="Then distill the student from the MoE on this many tokens (0: no distillation).")
+@click.option("--distill-data", type=click.Path(path_type=Path), default=None,
+              help="Distillation text [default: --data]; it must hold --distill-tokens tokens (used once each).")
+@click.option("--distill-mode", type=click.Choice(["online", "offline"]), default="online", show_default=True,
+              help="online: teacher forward each step; offline: cache its top-k log-probs first.")
+@click.option("--distill-lr", type=float, default=5e-4, show_default=True, help="Peak learning rate of distillation.")
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
 @click.option("--no-progress", is_flag=True)
-def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, grouping, scaling, seed, force,
-            no_progress):
-    """calibrate + plan + assemble in one resumable command, with the paper's defaults.
+def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, grouping, scaling, seed, distill_tokens,
+            distill_data, distill_mode, distill_lr, force, no_progress):
+    """calibrate + plan + assemble [+ distill] in one resumable command, with the paper's defaults.
 
-    DO-ACP scoring, pure pruning with K = the router's top-k, CP scaling. Rerunning after an
-    interruption skips the finished stages.
+    DO-ACP scoring, pure pruning with K = the router's top-k, CP scaling. With --distill-tokens the
+    assembled student goes to OUT.work/assembled/ and is distilled from the MoE into OUT (the other
+    distillation options are `edgeconv distill`'s defaults). Rerunning after an interruption skips the
+    finished stages and resumes distillation from its last checkpoint.
     """
     from edgeconv.pipeline import convert as run
 
     result = run(model, out_dir, data=data, tokens=tokens, seq_len=seq_len, experts=experts, groups=groups,
-                 scoring=scoring, grouping=grouping, scaling=scaling, seed=seed, force=force,
+                 scoring=scoring, grouping=grouping, scaling=scaling, seed=seed, distill_tokens=distill_tokens,
+                 distill_data=distill_data, distill_options={"mode": distill_mode, "lr": distill_lr}, force=force,
                  progress=not no_progress, log=console.print)
     s = result.manifest["summary"]
-    console.print(f"dense model: {result.out} ({s['dense_architecture']}, FFN width {s['dense_width']}, "
+    what = "distilled dense model" if result.distilled else "dense model"
+    console.print(f"{what}: {result.out} ({s['dense_architecture']}, FFN width {s['dense_width']}, "
                   f"{s['dense_params'] / 1e6:,.2f} M params from {s['source_params'] / 1e6:,.2f} M)")
 
 

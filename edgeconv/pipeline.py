@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +13,17 @@ from edgeconv.stages.assemble import AssembleResult, assemble
 from edgeconv.stages.calibrate import calibrate
 from edgeconv.stats_planner import check_plan_args, stats_plan
 from edgeconv.simple_planner import model_ref
+
+
+@dataclass
+class ConvertResult:
+    out: Path  # the final student: the assembled one, or the distilled one with distill_tokens
+    assembled: AssembleResult
+    distilled: object | None = None  # edgeconv.distill.stage.DistillResult
+
+    @property
+    def manifest(self) -> dict:
+        return self.assembled.manifest
 
 
 def work_dir(out: Path) -> Path:
@@ -32,14 +44,23 @@ def convert(
     grouping: str = "none",
     scaling: str = "cp",
     seed: int = 0,
+    distill_tokens: int = 0,
+    distill_data: str | Path | None = None,
+    distill_options: dict | None = None,
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: None,
-) -> AssembleResult:
-    """calibrate -> plan -> assemble, validating every argument before the first heavy step."""
+) -> ConvertResult:
+    """calibrate -> plan -> assemble [-> distill], validating every argument before the first heavy step.
+    With `distill_tokens`, the assembled student goes to OUT.work/assembled and the distilled one to OUT."""
     ckpt = Checkpoint.open(model)
     family = family_for(ckpt.config, str(ckpt.path))
     check_plan_args(model_ref(family), experts, groups, scoring, grouping, scaling)
+    distill_config = None
+    if distill_tokens:
+        from edgeconv.distill.config import DistillConfig
+
+        distill_config = DistillConfig.make(tokens=distill_tokens, **(distill_options or {}))
     if data is None:
         from edgeconv.demo import CALIBRATION_DATA
 
@@ -48,17 +69,28 @@ def convert(
             "pass --data with text like your use case")
     work = work_dir(Path(out))
     work.mkdir(parents=True, exist_ok=True)
-    log(f"[1/3] calibrate -> {work / 'calibrate'}")
+    n = 4 if distill_config else 3
+    log(f"[1/{n}] calibrate -> {work / 'calibrate'}")
     cal = calibrate(ckpt.path, data, work / "calibrate", tokens=tokens, seq_len=seq_len, force=force,
                     progress=progress)
     if cal.skipped:
         log("      up to date")
-    log(f"[2/3] plan -> {work / 'plan.json'}")
+    log(f"[2/{n}] plan -> {work / 'plan.json'}")
     plan = stats_plan(cal.stats(), experts=experts, groups=groups, scoring=scoring, grouping=grouping,
                       scaling=scaling, seed=seed, model=ckpt.path, stats_path=str(cal.out))
     plan.save(work / "plan.json")
-    log(f"[3/3] assemble -> {out}")
-    result = assemble(ckpt.path, plan, out, force=force, progress=progress)
+    dense = work / "assembled" if distill_config else Path(out)
+    log(f"[3/{n}] assemble -> {dense}")
+    result = assemble(ckpt.path, plan, dense, force=force, progress=progress)
     if result.skipped:
         log("      up to date")
-    return result
+    if not distill_config:
+        return ConvertResult(Path(out), result)
+    from edgeconv.distill.stage import distill
+
+    log(f"[4/4] distill {distill_tokens:,} tokens -> {out}")
+    distilled = distill(ckpt.path, dense, distill_data or data, out, distill_config, force=force, progress=progress,
+                        log=log)
+    if distilled.skipped:
+        log("      up to date")
+    return ConvertResult(Path(out), result, distilled)

@@ -4,8 +4,9 @@ Qwen3 of the same total parameter count (its FFN is as wide as all 16 experts si
     python benchmarks/demo/train.py tokenizer               # corpus splits + BPE tokenizer (seconds)
     python benchmarks/demo/train.py moe   --steps 450       # teacher phase 1, ~23 min of compute on 2 cores
     python benchmarks/demo/train.py moe   --phase anneal --steps 500 --batch 8 --lr 1e-3 --warmup 20 --every 100
+    python benchmarks/demo/train.py moe   --phase balance --steps 300 --batch 8 --lr 1e-3 --warmup 10 --every 50
     python benchmarks/demo/train.py dense --steps 212       # dense phase 1, the same compute time
-    python benchmarks/demo/train.py dense --phase anneal --steps 250 --batch 8 --lr 1e-3 --warmup 20 --every 50
+    python benchmarks/demo/train.py dense --phase anneal --steps 300 --batch 8 --lr 1e-3 --warmup 20 --every 50
     python benchmarks/demo/train.py ship                    # bf16 weights + tokenizer + eval data into the package
 
 Data: see corpus.py (Shakespeare, Python docs, the synthetic skills of edgeconv.evaluation.skills), mixed
@@ -42,8 +43,18 @@ MIX = {"shakespeare": 0.35, "pydocs": 0.35, "skills": 0.30}
 # addition, 2-5 words to copy, ...); after it the teacher solved only `brackets`, so the skills were
 # shortened (see edgeconv/evaluation/skills.py) and phase 2 trains on the short ones, stored separately.
 ANNEAL_MIX = {"shakespeare": 0.25, "pydocs": 0.25, "skills": 0.50}
-SKILLS_FILE = {"main": "skills", "anneal": "skills-short"}
+# Phase 3 ("balance"): HF's load-balancing loss averages expert usage over all layers together, so each
+# layer can collapse onto a few experts while the average looks balanced; that is what phases 1-2 did
+# (held-out share of the busiest expert: 52-99 % per layer, several experts at 0 %). Phase 3 continues
+# from phase 2 with the balance loss computed per layer (`layer_balance_loss`) and a larger coefficient.
+BALANCE_COEF = 0.3
+SKILLS_FILE = {"main": "skills", "anneal": "skills-short", "balance": "skills-short"}
+PHASES = ("main", "anneal", "balance")
 PHASE = "main"
+
+
+def phase_dir(kind: str, phase: str) -> Path:
+    return WORK / (kind if phase == "main" else f"{kind}-{phase}")
 SKILL_SEEDS = {"train": 1, "valid": 2, "test": 3}
 HELD_OUT_SKILLS = 200  # per skill, in valid and in test
 ARCH = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
@@ -121,8 +132,8 @@ def streams(split: str) -> dict[str, torch.Tensor]:
 
 def batch(data: dict[str, torch.Tensor], step: int, size: int) -> torch.Tensor:
     """[size, SEQ + 1] windows; which source and where depend only on (SEED, step)."""
-    g = torch.Generator().manual_seed(SEED * 1_000_003 + step + (500_000 if PHASE == "anneal" else 0))
-    mix = ANNEAL_MIX if PHASE == "anneal" else MIX
+    g = torch.Generator().manual_seed(SEED * 1_000_003 + step + {"main": 0, "anneal": 500_000, "balance": 900_000}[PHASE])
+    mix = MIX if PHASE == "main" else ANNEAL_MIX
     names = list(mix)
     picks = torch.multinomial(torch.tensor([mix[n] for n in names]), size, replacement=True, generator=g)
     rows = []
@@ -170,20 +181,45 @@ def loss_of(model, x: torch.Tensor, aux: bool = False):
     out = model(input_ids=x[:, :-1], output_router_logits=aux)
     ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
     if aux:
-        return ce, out.aux_loss
+        return ce, layer_balance_loss(out.router_logits, model.config.num_experts_per_tok) \
+            if PHASE == "balance" else out.aux_loss
     return ce
+
+
+def layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style balance loss per layer, then averaged: E * sum_e f_e * P_e (1 when balanced), f_e the
+    share of routing slots and P_e the mean router probability of expert e in that layer."""
+    losses = []
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, probs.shape[-1]).sum(1).float()
+        losses.append(probs.shape[-1] * (chosen.mean(0) / top_k * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def expert_shares(model, data: dict[str, torch.Tensor]) -> list[float]:
+    """Per layer, the smallest share of valid tokens routed to one expert (text corpora only)."""
+    x = torch.cat([torch.stack([s[i * SEQ:(i + 1) * SEQ] for i in range(16)]) for n, s in data.items() if n != "skills"])
+    out = model(input_ids=x, output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    return [round(float(torch.nn.functional.one_hot(r.topk(k, -1).indices, r.shape[-1]).sum(1).float().mean(0).min()), 4)
+            for r in out.router_logits]
 
 
 def train(kind: str, steps: int, batch_size: int, peak_lr: float, warmup: int, every: int) -> None:
     torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count() or 2)))
-    out = WORK / (kind if PHASE == "main" else f"{kind}-anneal")
+    out = phase_dir(kind, PHASE)
     ckpt = out / "checkpoint.pt"
     out.mkdir(parents=True, exist_ok=True)
     model = make_model(kind)
-    if PHASE == "anneal":  # continue from phase 1's weights with a fresh optimizer
+    if PHASE != "main":  # continue from the previous phase's weights with a fresh optimizer
         from transformers import AutoModelForCausalLM
 
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(WORK / kind / "final").state_dict())
+        previous = phase_dir(kind, PHASES[PHASES.index(PHASE) - 1]) / "final"
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(previous).state_dict())
+    if PHASE == "balance":
+        model.config.router_aux_loss_coef = BALANCE_COEF
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
     start, elapsed = 0, 0.0
     if ckpt.exists():
@@ -217,6 +253,10 @@ def train(kind: str, steps: int, batch_size: int, peak_lr: float, warmup: int, e
             row["aux"] = round(float(aux), 4)
         if (step + 1) % every == 0 or step + 1 == steps:
             row["valid"] = {k: round(v, 4) for k, v in valid_loss(model, valid_data).items()}
+            if kind == "moe":
+                model.eval()
+                row["min_expert_share"] = expert_shares(model, valid_data)
+                model.train()
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                         "elapsed": time.time() - t0}, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)
@@ -239,8 +279,8 @@ def plot(kind: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     offset = 0
-    for phase, tag in (("main", ""), ("anneal", " (phase 2)")):
-        path = WORK / (kind if phase == "main" else f"{kind}-anneal") / "log.jsonl"
+    for phase in PHASES:
+        path = phase_dir(kind, phase) / "log.jsonl"
         if not path.exists():
             continue
         rows = [json.loads(line) for line in open(path)]
@@ -248,13 +288,14 @@ def plot(kind: str) -> None:
                 label="train" if phase == "main" else None)
         for name, color in zip(MIX, ("tab:orange", "tab:green", "tab:red")):
             v = [((offset + r["tokens"]) / 1e6, r["valid"][name]) for r in rows if "valid" in r]
-            ax.plot(*zip(*v), marker="o", ms=3, color=color, label=f"valid {name}{tag}")
-        if phase == "anneal":
+            ax.plot(*zip(*v), marker="o", ms=3, color=color, label=f"valid {name}" if phase == "main" else None)
+        if phase != "main":
             ax.axvline(offset / 1e6, color="gray", ls=":", lw=0.8)
         offset += rows[-1]["tokens"]
     ax.set_xlabel("tokens (M)")
     ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title(f"demo-{kind} training")
+    ax.set_title(f"demo-{kind} training (dotted: start of a phase; valid skills are the short ones from phase 2)",
+                 fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -274,18 +315,19 @@ def ship() -> None:
     from edgeconv.evaluation.data import write_eval_data
 
     for kind, name in (("moe", "demo-moe"), ("dense", "demo-dense")):
-        src = WORK / f"{kind}-anneal" / "final"
-        if not src.exists():
+        phases = [p for p in PHASES if (phase_dir(kind, p) / "final").exists()]
+        if phases in ([], ["main"]):
             print(f"skip {name}: {src} not trained yet")
             continue
+        src = phase_dir(kind, phases[-1]) / "final"
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
         model.save_pretrained(ASSETS / name, max_shard_size="100MB")
         AutoTokenizer.from_pretrained(WORK / "tokenizer").save_pretrained(ASSETS / name)
         plot(kind)
         shutil.copy(WORK / f"{kind}-loss.png", ASSETS / name / "training_loss.png")
         with open(ASSETS / name / "training_log.jsonl", "w") as fh:  # both phases, tagged
-            for phase, d in (("main", kind), ("anneal", f"{kind}-anneal")):
-                for line in open(WORK / d / "log.jsonl"):
+            for phase in phases:
+                for line in open(phase_dir(kind, phase) / "log.jsonl"):
                     fh.write(json.dumps({"phase": phase, **json.loads(line)}) + "\n")
         print(f"shipped {name}: {sum(f.stat().st_size for f in (ASSETS / name).iterdir()) / 1e6:.1f} MB")
     data = WORK / "data"
@@ -315,7 +357,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--every", type=int, default=50, help="validate and checkpoint every N steps")
-    p.add_argument("--phase", choices=["main", "anneal"], default="main")
+    p.add_argument("--phase", choices=PHASES, default="main")
     a = p.parse_args()
     global PHASE
     PHASE = a.phase

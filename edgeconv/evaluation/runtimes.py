@@ -87,7 +87,7 @@ class TorchRuntime(Runtime):
         self.eos_id = self.tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -187,7 +187,7 @@ class OnnxRuntime(Runtime):
         self.eos_id = self.tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -217,7 +217,7 @@ class GenaiRuntime(Runtime):
         self.eos_id = self.tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)

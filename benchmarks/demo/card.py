@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from measure import machine  # noqa: E402
 
-from edgeconv.demo import EVAL_DATA, demo_path  # noqa: E402
-from edgeconv.evaluation.suite import evaluate, summary_table  # noqa: E402
+from edgeconv.demo import ASSETS, EVAL_DATA, demo_path  # noqa: E402
+from edgeconv.evaluation.suite import EvalReport, evaluate, summary_table  # noqa: E402
 
 RESULTS = Path(__file__).parents[1] / "results"
 
@@ -39,12 +39,33 @@ def untrained(name: str, out: Path) -> Path:
     return out
 
 
+def cached_eval(label: str, path: Path, cache: Path) -> EvalReport:
+    """A model's report, reused while the model's files are unchanged (the card is rebuilt piecemeal)."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    saved = cache / f"{label.replace(' ', '_').replace('/', '_')}.json"
+    if saved.exists():
+        entry = json.loads(saved.read_text())
+        if entry["stamp"] == json.loads(json.dumps(stamp)):
+            return EvalReport(**entry["report"])
+    report = evaluate(path, EVAL_DATA, show_progress=False)
+    cache.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"stamp": stamp, "report": report.model_dump()}))
+    return report
+
+
 def routing(work: Path) -> dict:
-    """Per layer and expert, the share of held-out tokens routed to it (each token picks top-k experts)."""
+    """Per layer and expert, the share of held-out tokens routed to it (each token picks top-k experts), over
+    Shakespeare, Python docs and skills."""
     from edgeconv.stages.calibrate import calibrate
 
-    result = calibrate(demo_path("demo-moe"), EVAL_DATA / "text.jsonl", work / "routing-stats", tokens=32768,
-                       seq_len=256, progress=False)
+    from edgeconv.evaluation.data import EvalData, held_out_mix
+
+    docs = held_out_mix(EvalData.load(EVAL_DATA))
+    text = work / "routing-data.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    result = calibrate(demo_path("demo-moe"), text, work / "routing-stats", tokens=56320, seq_len=256,
+                       progress=False)
     stats = result.stats()
     tokens = stats.data["tokens"]
     return {str(i): (layer.count / tokens).tolist() for i, layer in sorted(stats.layers.items())}
@@ -98,12 +119,13 @@ def main() -> None:
         "student, undistilled (torch)": student,
         "student F32 GGUF": ggufs["student F32"],
         "student F16 GGUF": ggufs["student F16"],
-        "demo-dense (torch)": demo_path("demo-dense"),
-        "untrained dense": untrained("demo-dense", work / "untrained-dense"),
     }
+    if (ASSETS / "demo-dense" / "config.json").exists():
+        models["demo-dense (torch)"] = demo_path("demo-dense")
+        models["untrained dense"] = untrained("demo-dense", work / "untrained-dense")
     reports = {}
     for label, path in models.items():
-        reports[label] = evaluate(path, EVAL_DATA, show_progress=False)
+        reports[label] = cached_eval(label, path, work / "reports")
         print(f"{label}: {reports[label].perplexity} {reports[label].seconds:.0f} s", flush=True)
     shares = routing(work)
     plot_routing(shares, RESULTS / "demo_routing.png")

@@ -46,7 +46,7 @@ ANNEAL_MIX = {"shakespeare": 0.25, "pydocs": 0.25, "skills": 0.50}
 # Phase 3 ("balance"): HF's load-balancing loss averages expert usage over all layers together, so each
 # layer can collapse onto a few experts while the average looks balanced; that is what phases 1-2 did
 # (held-out share of the busiest expert: 52-99 % per layer, several experts at 0 %). Phase 3 continues
-# from phase 2 with the balance loss computed per layer (`layer_balance_loss`) and a larger coefficient.
+# from phase 2 with a balance loss computed per layer (`layer_balance_loss`) and a larger coefficient.
 BALANCE_COEF = 0.3
 SKILLS_FILE = {"main": "skills", "anneal": "skills-short", "balance": "skills-short"}
 PHASES = ("main", "anneal", "balance")
@@ -187,13 +187,17 @@ def loss_of(model, x: torch.Tensor, aux: bool = False):
 
 
 def layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Switch-style balance loss per layer, then averaged: E * sum_e f_e * P_e (1 when balanced), f_e the
-    share of routing slots and P_e the mean router probability of expert e in that layer."""
+    """Per layer, then averaged: the Switch balance loss E * sum_e f_e * P_e (1 when balanced; f_e the share
+    of routing slots, P_e the mean router probability of expert e), plus -mean_e log(E * P_e) (0 when
+    balanced). The Switch term alone barely moves an expert the router has abandoned (its gradient scales
+    with P_e, near 0); the log term's gradient grows as P_e shrinks, which revives it."""
     losses = []
     for logits in router_logits:
         probs = torch.softmax(logits.float(), dim=-1)
-        chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, probs.shape[-1]).sum(1).float()
-        losses.append(probs.shape[-1] * (chosen.mean(0) / top_k * probs.mean(0)).sum())
+        n = probs.shape[-1]
+        chosen = torch.nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, n).sum(1).float()
+        mean_p = probs.mean(0)
+        losses.append(n * (chosen.mean(0) / top_k * mean_p).sum() - torch.log(n * mean_p + 1e-9).mean())
     return torch.stack(losses).mean()
 
 
@@ -317,7 +321,7 @@ def ship() -> None:
     for kind, name in (("moe", "demo-moe"), ("dense", "demo-dense")):
         phases = [p for p in PHASES if (phase_dir(kind, p) / "final").exists()]
         if phases in ([], ["main"]):
-            print(f"skip {name}: {src} not trained yet")
+            print(f"skip {name}: phase 2 of {kind} is not trained yet")
             continue
         src = phase_dir(kind, phases[-1]) / "final"
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)

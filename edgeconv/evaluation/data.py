@@ -43,6 +43,14 @@ class EvalData:
         return data
 
 
+def held_out_mix(data: EvalData, chars_per_corpus: int = 80_000) -> list[str]:
+    """Documents covering every kind of held-out data: the first `chars_per_corpus` characters of each corpus,
+    and all skill examples as one document (for routing histograms and similar statistics)."""
+    docs = ["\n".join(d)[:chars_per_corpus] for d in data.texts.values()]
+    docs.append("".join(f"{p} {a}\n" for exs in data.skills.values() for p, a in exs))
+    return docs
+
+
 def _rows(file: Path):
     for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():

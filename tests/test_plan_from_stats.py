@@ -128,8 +128,10 @@ def test_convert_runs_resumes_and_validates_first(calibrated, corpus, tmp_path):
     assert again.exit_code == 0 and again.stderr.count("up to date") == 2
     # Bad method names fail before any calibration starts.
     assert_error(run("convert", src, "--data", corpus, "--scoring", "nope", "--out", tmp_path / "e"), "unknown scoring")
-    assert_error(run("convert", src, "--out", tmp_path / "e"), "no --data")
     assert not (tmp_path / "e.work").exists() and not (tmp_path / "e").exists()
+    # without --data, calibration uses the shipped demo text and says so
+    r = run("convert", src, "--tokens", "512", "--seq-len", "32", "--out", tmp_path / "e", "--no-progress")
+    assert r.exit_code == 0 and "calibrating on the shipped demo text" in r.output
 
 
 def _random_ffn(width=16, hidden=8, seed=0):

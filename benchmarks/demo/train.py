@@ -8,6 +8,7 @@ Qwen3 of the same total parameter count (its FFN is as wide as all 16 experts si
     python benchmarks/demo/train.py dense --steps 212       # dense phase 1, the same compute time
     python benchmarks/demo/train.py dense --phase anneal --steps 300 --batch 8 --lr 1e-3 --warmup 20 --every 50
     python benchmarks/demo/train.py ship                    # bf16 weights + tokenizer + eval data into the package
+    python benchmarks/demo/train.py distill-data            # text for distilling students of demo-moe
 
 Data: see corpus.py (Shakespeare, Python docs, the synthetic skills of edgeconv.evaluation.skills), mixed
 35/35/30 by sampled windows. Everything is seeded; a step's batch depends only on (seed, step), so a run
@@ -353,9 +354,25 @@ def ship() -> None:
     print(f"calibration text: {sum(map(len, rows)):,} chars")
 
 
+def distill_data() -> Path:
+    """Text for distilling a student from demo-moe: the teacher's training documents and short-skill lines,
+    shuffled by document (a JSONL file; `edgeconv distill` uses each token once)."""
+    import random
+
+    data = WORK / "data"
+    rows = corpus.read(data, "train", "shakespeare") + corpus.read(data, "train", "pydocs")
+    lines = train_skill_lines(200_000)
+    rows += ["".join(lines[i:i + 200]) for i in range(0, len(lines), 200)]
+    random.Random(SEED).shuffle(rows)
+    out = WORK / "distill-data.jsonl"
+    out.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    print(f"wrote {out}: {len(rows)} documents, {sum(map(len, rows)):,} characters")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["tokenizer", "moe", "dense", "plot", "ship"])
+    p.add_argument("what", choices=["tokenizer", "moe", "dense", "plot", "ship", "distill-data"])
     p.add_argument("--steps", type=int, default=450)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -370,6 +387,8 @@ def main() -> None:
         train(a.what, a.steps, a.batch, a.lr, a.warmup, a.every)
     elif a.what == "ship":
         ship()
+    elif a.what == "distill-data":
+        distill_data()
     elif a.what == "plot":
         for kind in ("moe", "dense"):
             if (WORK / kind / "log.jsonl").exists():

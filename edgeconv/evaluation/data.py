@@ -28,7 +28,7 @@ class EvalData:
     choices: list[dict] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: Path) -> "EvalData":
+    def load(cls, path: Path) -> EvalData:
         path = Path(path)
         missing = [f for f in FILES if not (path / f).exists()]
         if missing:
@@ -98,13 +98,11 @@ def write_eval_data(out: Path, texts: dict[str, list[tuple[str, str]]], *, seed:
             counts[f"text/{corpus}"] = used
     examples = skill_mixture.examples(seed, skill_examples * len(skill_mixture.SKILLS.names()))
     with open(out / "skills.jsonl", "w") as fh:
-        for e in examples:
-            fh.write(json.dumps({"skill": e.skill, "prompt": e.prompt, "answer": e.answer}) + "\n")
+        fh.writelines(json.dumps({"skill": e.skill, "prompt": e.prompt, "answer": e.answer}) + "\n" for e in examples)
     counts["skills"] = len(examples)
     with open(out / "choice.jsonl", "w") as fh:
         for corpus, docs in texts.items():
             items = choice_items([t for _, t in docs], corpus, choice_per_corpus, rng)
-            for item in items:
-                fh.write(json.dumps(item) + "\n")
+            fh.writelines(json.dumps(item) + "\n" for item in items)
             counts[f"choice/{corpus}"] = len(items)
     return counts

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -68,11 +68,23 @@ class Runtime:
         pass
 
 
+class HfTokenized(Runtime):
+    """A runtime that tokenizes with the transformers tokenizer saved beside the model."""
+
+    tokenizer = None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
 RUNTIMES: Registry[Callable[[Path, int | None], Runtime]] = Registry("runtime")
 
 
 @RUNTIMES.register("torch")
-class TorchRuntime(Runtime):
+class TorchRuntime(HfTokenized):
     name = "torch"
 
     def __init__(self, path: Path, threads: int | None = None):
@@ -85,12 +97,6 @@ class TorchRuntime(Runtime):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.eos_id = self.tokenizer.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         return self.logits_batch([ids])[0]
@@ -173,7 +179,7 @@ def _hf_tokenizer(path: Path):
 
 
 @RUNTIMES.register("onnx")
-class OnnxRuntime(Runtime):
+class OnnxRuntime(HfTokenized):
     """optimum's decoder graph in onnxruntime (one prefill per call with an empty cache)."""
 
     name = "onnx"
@@ -186,12 +192,6 @@ class OnnxRuntime(Runtime):
         self.tokenizer = _hf_tokenizer(model.parent)
         self.eos_id = self.tokenizer.eos_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
     def logits(self, ids: list[int]) -> np.ndarray:
         from edgeconv.export.onnx_export import onnx_logits
 
@@ -199,7 +199,7 @@ class OnnxRuntime(Runtime):
 
 
 @RUNTIMES.register("onnx-genai")
-class GenaiRuntime(Runtime):
+class GenaiRuntime(HfTokenized):
     """A model built by onnxruntime-genai's builder, run by its own generator."""
 
     name = "onnx-genai"
@@ -215,12 +215,6 @@ class GenaiRuntime(Runtime):
         self.context = json.loads((path / "genai_config.json").read_text())["model"]["context_length"]
         self.tokenizer = _hf_tokenizer(path)
         self.eos_id = self.tokenizer.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         params = self.og.GeneratorParams(self.model)

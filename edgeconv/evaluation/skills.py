@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from edgeconv.registry import Registry
 

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import WRAPPER, edgeconv_command  # noqa: E402  (shared with the other benchmarks)
+from measure import edgeconv_command, run_measured  # noqa: E402  (shared with the other benchmarks)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -237,32 +237,6 @@ def profile_calibrate(model_dir: str, data: str, tokens: int, seq_len: int, batc
 # --- measuring ----------------------------------------------------------------------------------------
 
 
-
-
-def busy_cpu_s() -> float:
-    """CPU seconds all processes on the machine have used since boot (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as fh:
-        fields = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def run_measured(cmd: list[str], log: Path) -> dict:
-    """Wall time and peak RSS of cmd; also the CPU time other processes used meanwhile (contention)."""
-    usage_file = log.with_suffix(".rusage.json")
-    usage_file.unlink(missing_ok=True)
-    with open(log, "wb") as fh:
-        busy0 = busy_cpu_s()
-        rc = subprocess.run([sys.executable, "-c", WRAPPER, str(usage_file), *cmd], stdout=fh,
-                            stderr=subprocess.STDOUT).returncode
-        busy = busy_cpu_s() - busy0
-    output = log.read_text(errors="replace").strip()
-    if rc != 0:
-        print(output, file=sys.stderr)
-        raise SystemExit(f"{' '.join(cmd)} failed ({rc})")
-    usage = json.loads(usage_file.read_text())
-    other = max(0.0, busy - usage["user_s"] - usage["sys_s"])
-    return {"wall_s": usage["wall_s"], "peak_rss_bytes": usage["maxrss_kib"] * 1024, "user_s": usage["user_s"],
-            "sys_s": usage["sys_s"], "other_cpu_s": other, "output": output}
 
 
 def machine() -> dict:

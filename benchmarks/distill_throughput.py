@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -39,36 +38,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import WRAPPER, edgeconv_command, machine  # noqa: E402  (shared with the other benchmarks)
+import measure  # noqa: E402  (shared with the other benchmarks)
+from measure import edgeconv_command, machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MB = 1e6
 
 
-def busy_cpu_s() -> float:
-    """CPU seconds all processes on the machine have used since boot (/proc/stat: all but idle and iowait)."""
-    with open("/proc/stat") as fh:
-        fields = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
 def run_measured(cmd: list[str], log: Path) -> dict:
-    """Wall time and peak RSS of cmd (its own process), and the CPU time other processes used meanwhile."""
-    usage_file = log.with_suffix(".rusage.json")
-    usage_file.unlink(missing_ok=True)
-    with open(log, "wb") as fh:
-        busy0 = busy_cpu_s()
-        rc = subprocess.run([sys.executable, "-c", WRAPPER, str(usage_file), *cmd], stdout=fh,
-                            stderr=subprocess.STDOUT).returncode
-        busy = busy_cpu_s() - busy0
-    output = log.read_text(errors="replace").strip()
-    if rc != 0:
-        print(output, file=sys.stderr)
-        raise SystemExit(f"{' '.join(cmd)} failed ({rc})")
-    usage = json.loads(usage_file.read_text())
-    return {"wall_s": round(usage["wall_s"], 2), "peak_rss_bytes": usage["maxrss_kib"] * 1024,
-            "other_cpu_s": round(max(0.0, busy - usage["user_s"] - usage["sys_s"]), 1), "output": output[-600:]}
+    """measure.run_measured, rounded, with the output's tail only (it goes into the results JSON)."""
+    r = measure.run_measured(cmd, log)
+    return {"wall_s": round(r["wall_s"], 2), "peak_rss_bytes": r["peak_rss_bytes"],
+            "other_cpu_s": round(r["other_cpu_s"], 1), "output": r["output"][-600:]}
 
 
 def model_info(path: str) -> dict:

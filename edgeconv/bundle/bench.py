@@ -566,9 +566,15 @@ class GenaiScorer:
     def decode(self, ids: list) -> str:
         return self.owner.decode(ids)
 
+    def _fits(self, n: int) -> None:
+        if n > self.owner.context:
+            raise BenchError(f"a {n}-token sequence is longer than the model's context_length {self.owner.context}; lower --window"
+                             )
+
     def logits(self, ids: list):
         import numpy as np
 
+        self._fits(len(ids))
         gen = self.owner.generator(len(ids) + 1)
         gen.append_tokens(np.array(ids, dtype=np.int32))
         out = np.array(gen.get_output("logits"))[0].astype(np.float32)
@@ -578,10 +584,11 @@ class GenaiScorer:
     def greedy(self, ids: list, max_new: int, stop: str = "\n") -> str:
         import numpy as np
 
+        self._fits(len(ids))
         gen = self.owner.generator(len(ids) + max_new + 1)
         gen.append_tokens(np.array(ids, dtype=np.int32))
         new = []
-        for _ in range(max_new):
+        for _ in range(min(max_new, self.owner.context - len(ids))):
             token = int(np.argmax(np.array(gen.get_output("logits"))[0, -1]))
             if token == self.eos_id:
                 break
@@ -882,6 +889,8 @@ def run(args=None) -> dict:
         raise BenchError(f"unknown model format {fmt!r} (gguf or onnx-genai)")
     load_s = time.perf_counter() - start
     rss_after_load = rss_mb()
+    # onnxruntime-genai sizes its KV cache per generator, up to the model's context_length
+    context = args.context if fmt == "gguf" else rt.context
 
     speed, peak_speed = [], None
     accuracy_result = None
@@ -892,14 +901,14 @@ def run(args=None) -> dict:
         if fmt == "onnx-genai":
             limit = min(limit, rt.context - args.decode_tokens - 1)
         trained = rt.n_ctx_train()
-        context = min(args.context, trained or args.context)  # beyond its trained context a model is not tested
-        limit = min(limit, context - args.decode_tokens)
+        usable = min(context, trained or context)  # beyond its trained context a model is not tested
+        limit = min(limit, usable - args.decode_tokens)
         skipped = [p for p in lengths if p > limit]
         lengths = [p for p in lengths if p <= limit]
         if skipped:
-            why = "the context" if context == args.context else "the model's trained context"
+            why = "the context" if usable == context else "the model's trained context"
             notes.append("prompt lengths {} skipped: longer than {} ({}) minus {} decoded tokens".format(
-                ",".join(map(str, skipped)), why, context, args.decode_tokens))
+                ",".join(map(str, skipped)), why, usable, args.decode_tokens))
         if not args.no_speed and lengths:
             log("speed:")
             speed = measure_speed(rt, data, lengths, args.decode_tokens, max(1, args.repeats))
@@ -938,7 +947,7 @@ def run(args=None) -> dict:
         "model": {"path": str(model), "format": fmt, "bytes": _bytes(model), "quant": quant, **model_info},
         "device": device_info(),
         "runtime": {"name": rt_name(fmt), "version": runtime_version(fmt), "threads": args.threads,
-                    "gpu_layers": args.gpu_layers if fmt == "gguf" else None, "context": args.context,
+                    "gpu_layers": args.gpu_layers if fmt == "gguf" else None, "context": context,
                     "flash_attn": bool(args.flash_attn) if fmt == "gguf" else None},
         "load_s": round(load_s, 3),
         "rss_before_load_mb": _r(rss_before),

@@ -57,6 +57,7 @@ def main():
       edgeconv convert MODEL --out dense/                   calibrate + plan (DO-ACP) + assemble
       edgeconv export dense/ --quant Q4_K_M --out m.gguf    GGUF for llama.cpp, checked against torch
       edgeconv eval dense/                                  perplexity, skills, multiple choice
+      edgeconv build --target jetson                        all of it for one device: a bundle in dist/
     Stage by stage: calibrate, plan, assemble. MODEL is a local checkpoint directory
     (config.json + *.safetensors), a hub id, or a shipped demo model: demo-moe (the default MODEL
     of every command, a 16-expert Qwen3-MoE trained for this project) or demo-dense.
@@ -534,6 +535,85 @@ def eval_(model, runtime, data, tokens, window, examples, choices, threads, out_
     else:
         out.print(summary_table([(f"{Path(model).name} ({report.runtime})", report)]))
         console.print(f"{report.seconds:.0f} s")
+
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def targets(as_json):
+    """The device profiles `build --target` knows (TOML files in edgeconv/targets/).
+
+    --target also takes the path of your own .toml with the same fields.
+    """
+    from edgeconv.target_profiles import ALIASES, all_targets
+
+    profiles = all_targets()
+    if as_json:
+        out.print_json(json.dumps([p.model_dump() for p in profiles]))
+        return
+    rows = [("target", "memory (usable/total)", "bandwidth", "formats", "on", "quant", "context", "threads")]
+    for p in profiles:
+        rows.append((p.name, f"{p.usable_memory_gb:g} / {p.memory_gb:g} GB", f"{p.bandwidth_gb_s:g} GB/s",
+                     ",".join(p.formats), p.accelerator, p.quant, str(p.context), str(p.threads)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    click.echo("aliases: " + ", ".join(f"{a} = {t}" for a, t in sorted(ALIASES.items())))
+    click.echo("descriptions and benchmark commands: edgeconv targets --json")
+
+
+@main.command()
+@click.argument("model", required=False, default=DEFAULT_MODEL)
+@click.option("--target", "-t", required=True, help="Device profile (see `edgeconv targets`), alias, or a .toml file.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Bundle directory [default: dist/<model>-<target>]; stages work in OUT.work/.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx-genai"]), default=None,
+              help="Artifact format [default: the target's first].")
+@click.option("--quant", default=None, help="GGUF type or ONNX precision [default: the target's].")
+@click.option("--groups", type=int, default=None, help="Expert groups per layer = FFN width [default: the router's top-k].")
+@click.option("--context", type=int, default=None, help="Context to reserve KV cache for [default: the target's].")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text (JSONL/txt) [default: the shipped demo text].")
+@click.option("--calibration-tokens", default=65536, show_default=True)
+@click.option("--distill-tokens", type=int, default=262_144, show_default=True,
+              help="Distillation budget in tokens; 0 skips distillation.")
+@click.option("--distill-data", type=click.Path(path_type=Path), default=None,
+              help="Distillation text [default: the shipped text for the demo teacher, else --data].")
+@click.option("--distill-lr", type=float, default=1e-3, show_default=True)
+@click.option("--eval-data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Evaluation data bundled for bench.py [default: the shipped held-out set].")
+@click.option("--threads", type=int, default=None, help="Threads of the benchmark run here [default: all].")
+@click.option("--no-bench", is_flag=True, help="Do not run bench.py here after bundling.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (stages, sizes, estimated memory) and stop.")
+@click.option("--force", is_flag=True, help="Redo every stage and replace OUT.")
+@click.option("--no-progress", is_flag=True)
+def build(model, target, out_dir, fmt, quant, groups, context, data, calibration_tokens, distill_tokens, distill_data,
+          distill_lr, eval_data, threads, no_bench, dry_run, force, no_progress):
+    """Everything for one device: convert -> distill -> export -> parity -> bundle -> bench here.
+
+    The plan comes first, from config.json alone: if the student (weights + KV cache at the target's
+    context + runtime buffers) cannot fit the target's usable memory, the build stops before any
+    heavy work and names the largest configuration that fits. Each stage is skipped when already done.
+
+    \b
+    Examples:
+      edgeconv build --target laptop                 the shipped demo teacher, a few minutes
+      edgeconv build Qwen/Qwen3-30B-A3B --target jetson --dry-run
+      edgeconv build my-moe/ --target phone --distill-tokens 0 --out dist/phone
+    Then copy the bundle to the device and run its bench.py (see its README.md).
+    """
+    from edgeconv.build import build as run
+    from edgeconv.build import headline, plan_build
+
+    plan = plan_build(model, target, out=out_dir, fmt=fmt, quant=quant, groups=groups, context=context,
+                      distill_tokens=distill_tokens, bench=not no_bench)
+    console.print(plan.render())
+    if dry_run:
+        return
+    result = run(plan, data=data, distill_data=distill_data, eval_data=eval_data,
+                 calibration_tokens=calibration_tokens, distill_options={"lr": distill_lr}, threads=threads,
+                 force=force, progress=not no_progress, log=console.print)
+    out.print(headline(result))
 
 
 if __name__ == "__main__":

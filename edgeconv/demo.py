@@ -19,6 +19,12 @@ DEMO_MODELS = {
 DEFAULT_MODEL = "demo-moe"
 EVAL_DATA = ASSETS / "eval"  # held-out text, skills and multiple choice (edgeconv.evaluation.data)
 CALIBRATION_DATA = ASSETS / "calibration.jsonl"  # training-split text + skills, for calibrate/convert
+DISTILL_DATA = ASSETS / "distill.jsonl"  # more of the same (~330 k tokens), for `build`'s default distillation
+
+
+def is_demo(path: Path) -> bool:
+    """Whether `path` is one of the shipped demo models."""
+    return Path(path).resolve().parent == ASSETS.resolve() and Path(path).name in DEMO_MODELS
 
 
 def demo_path(name: str) -> Path:

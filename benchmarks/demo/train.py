@@ -49,8 +49,13 @@ ANNEAL_MIX = {"shakespeare": 0.25, "pydocs": 0.25, "skills": 0.50}
 # (held-out share of the busiest expert: 52-99 % per layer, several experts at 0 %). Phase 3 continues
 # from phase 2 with a balance loss computed per layer (`layer_balance_loss`) and a larger coefficient.
 BALANCE_COEF = 0.3
-SKILLS_FILE = {"main": "skills", "anneal": "skills-short", "balance": "skills-short"}
-PHASES = ("main", "anneal", "balance")
+# Phase 4 ("focus"): after phase 3 the teacher still scored 0 % on add, copy and reverse (no induction-style
+# copying had formed). Phase 4 continues with the per-layer balance loss, a skill-heavy mix in which those
+# three skills are twice as frequent as the others, and `reverse` in its spaced form (one token per letter).
+FOCUS_MIX = {"shakespeare": 0.2, "pydocs": 0.2, "skills": 0.6}
+FOCUS_CYCLE = ["copy", "reverse", "add", "sort", "copy", "reverse", "add", "recall", "brackets"]
+SKILLS_FILE = {"main": "skills", "anneal": "skills-short", "balance": "skills-short", "focus": "skills-focus"}
+PHASES = ("main", "anneal", "balance", "focus")
 PHASE = "main"
 
 
@@ -68,9 +73,9 @@ def held_out_skill_prompts() -> set[str]:
     return {e.prompt for split in ("valid", "test") for e in skills.examples(SKILL_SEEDS[split], n)}
 
 
-def train_skill_lines(n: int) -> list[str]:
+def train_skill_lines(n: int, cycle: list[str] | None = None) -> list[str]:
     banned = held_out_skill_prompts()
-    return [e.text for e in skills.examples(SKILL_SEEDS["train"], n) if e.prompt not in banned]
+    return [e.text for e in skills.examples(SKILL_SEEDS["train"], n, cycle) if e.prompt not in banned]
 
 
 def build_tokenizer(data: Path, out: Path) -> None:
@@ -116,7 +121,8 @@ def prepare() -> None:
                 np.save(path, np.array(ids, dtype=np.int32))
         path = WORK / "tokens" / f"{split}-{SKILLS_FILE[PHASE]}.npy"
         if not path.exists():
-            lines = train_skill_lines(400_000) if split == "train" else \
+            cycle = FOCUS_CYCLE if PHASE == "focus" else None
+            lines = train_skill_lines(400_000, cycle) if split == "train" else \
                 [e.text for e in skills.examples(SKILL_SEEDS["valid"], HELD_OUT_SKILLS * 6)]
             ids = [i for enc in tok(lines, add_special_tokens=False)["input_ids"] for i in enc]
             np.save(path, np.array(ids, dtype=np.int32))
@@ -133,8 +139,9 @@ def streams(split: str) -> dict[str, torch.Tensor]:
 
 def batch(data: dict[str, torch.Tensor], step: int, size: int) -> torch.Tensor:
     """[size, SEQ + 1] windows; which source and where depend only on (SEED, step)."""
-    g = torch.Generator().manual_seed(SEED * 1_000_003 + step + {"main": 0, "anneal": 500_000, "balance": 900_000}[PHASE])
-    mix = MIX if PHASE == "main" else ANNEAL_MIX
+    offset = {"main": 0, "anneal": 500_000, "balance": 900_000, "focus": 1_300_000}[PHASE]
+    g = torch.Generator().manual_seed(SEED * 1_000_003 + step + offset)
+    mix = {"main": MIX, "focus": FOCUS_MIX}.get(PHASE, ANNEAL_MIX)
     names = list(mix)
     picks = torch.multinomial(torch.tensor([mix[n] for n in names]), size, replacement=True, generator=g)
     rows = []
@@ -183,7 +190,7 @@ def loss_of(model, x: torch.Tensor, aux: bool = False):
     ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
     if aux:
         return ce, layer_balance_loss(out.router_logits, model.config.num_experts_per_tok) \
-            if PHASE == "balance" else out.aux_loss
+            if PHASE in ("balance", "focus") else out.aux_loss
     return ce
 
 
@@ -200,6 +207,30 @@ def layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> t
         mean_p = probs.mean(0)
         losses.append(n * (chosen.mean(0) / top_k * mean_p).sum() - torch.log(n * mean_p + 1e-9).mean())
     return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def skill_exact(model, per_skill: int = 50) -> dict[str, float]:
+    """Teacher-forced exact match per skill on validation examples: every answer token (and the closing
+    newline) is the argmax. Equals greedy generation's exact match, in one forward pass."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(WORK / "tokenizer")
+    names = skills.SKILLS.names()
+    ex = skills.examples(SKILL_SEEDS["valid"], per_skill * len(names))
+    rows = [(e.skill, tok(e.prompt)["input_ids"], tok(e.text)["input_ids"]) for e in ex]
+    width = max(len(full) for _, _, full in rows)
+    x = torch.full((len(rows), width), tok.eos_token_id)
+    for i, (_, _, full) in enumerate(rows):
+        x[i, :len(full)] = torch.tensor(full)
+    model.eval()
+    pred = model(input_ids=x).logits.argmax(-1)
+    model.train()
+    hits: dict[str, list[bool]] = {n: [] for n in names}
+    for i, (name, prompt, full) in enumerate(rows):
+        n = len(prompt)
+        hits[name].append(bool((pred[i, n - 1:len(full) - 1] == x[i, n:len(full)]).all()))
+    return {n: round(sum(h) / len(h), 3) for n, h in hits.items()}
 
 
 @torch.no_grad()
@@ -221,9 +252,11 @@ def train(kind: str, steps: int, batch_size: int, peak_lr: float, warmup: int, e
     if PHASE != "main":  # continue from the previous phase's weights with a fresh optimizer
         from transformers import AutoModelForCausalLM
 
-        previous = phase_dir(kind, PHASES[PHASES.index(PHASE) - 1]) / "final"
+        previous = [phase_dir(kind, p) / "final" for p in PHASES[:PHASES.index(PHASE)]
+                    if (phase_dir(kind, p) / "final").exists()][-1]
+        print(f"starting from {previous}")
         model.load_state_dict(AutoModelForCausalLM.from_pretrained(previous).state_dict())
-    if PHASE == "balance":
+    if PHASE in ("balance", "focus") and kind == "moe":
         model.config.router_aux_loss_coef = BALANCE_COEF
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
     start, elapsed = 0, 0.0
@@ -258,6 +291,7 @@ def train(kind: str, steps: int, batch_size: int, peak_lr: float, warmup: int, e
             row["aux"] = round(float(aux), 4)
         if (step + 1) % every == 0 or step + 1 == steps:
             row["valid"] = {k: round(v, 4) for k, v in valid_loss(model, valid_data).items()}
+            row["skill_exact"] = skill_exact(model)
             if kind == "moe":
                 model.eval()
                 row["min_expert_share"] = expert_shares(model, valid_data)
@@ -270,7 +304,7 @@ def train(kind: str, steps: int, batch_size: int, peak_lr: float, warmup: int, e
         if (step + 1) % 10 == 0 or "valid" in row:
             tps = row["tokens"] / row["seconds"]
             print(f"{kind} step {step + 1}/{steps} loss {row['loss']:.3f} {tps:.0f} tok/s "
-                  f"{row.get('valid', '')}", flush=True)
+                  f"{row.get('valid', '')} {row.get('skill_exact', '')}", flush=True)
     model.save_pretrained(out / "final")
     plot(kind)
 
@@ -352,6 +386,30 @@ def ship() -> None:
     rng.shuffle(rows)
     (ASSETS / "calibration.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
     print(f"calibration text: {sum(map(len, rows)):,} chars")
+    ship_distill_text()
+
+
+def ship_distill_text(chars: int = 1_200_000, piece: int = 6000) -> None:
+    """`edgeconv build`'s default distillation text for the demo teacher: random 6,000-character pieces of the
+    training documents (Shakespeare and Python docs alike) and 200-line blocks of skills, ~1.2 M characters."""
+    import random
+
+    rng = random.Random(SEED + 1)
+    data = WORK / "data"
+    docs = corpus.read(data, "train", "shakespeare") + corpus.read(data, "train", "pydocs")
+    pieces = [d[i:i + piece] for d in docs for i in range(0, len(d), piece)]
+    rng.shuffle(pieces)
+    lines = train_skill_lines(12_000, FOCUS_CYCLE)
+    rows = ["".join(lines[i:i + 200]) for i in range(0, len(lines), 200)]
+    size = sum(map(len, rows))
+    for p in pieces:
+        if size > chars:
+            break
+        rows.append(p)
+        size += len(p)
+    rng.shuffle(rows)
+    (ASSETS / "distill.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    print(f"distillation text: {len(rows)} pieces, {size:,} chars")
 
 
 def distill_data() -> Path:
@@ -372,7 +430,7 @@ def distill_data() -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["tokenizer", "moe", "dense", "plot", "ship", "distill-data"])
+    p.add_argument("what", choices=["tokenizer", "moe", "dense", "plot", "ship", "distill-data", "distill-text"])
     p.add_argument("--steps", type=int, default=450)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -389,6 +447,8 @@ def main() -> None:
         ship()
     elif a.what == "distill-data":
         distill_data()
+    elif a.what == "distill-text":
+        ship_distill_text()
     elif a.what == "plot":
         for kind in ("moe", "dense"):
             if (WORK / kind / "log.jsonl").exists():

@@ -54,9 +54,10 @@ def copy(rng: random.Random) -> tuple[str, str]:
 
 @SKILLS.register("reverse")
 def reverse(rng: random.Random) -> tuple[str, str]:
-    """Reverse the letters of a short made-up word: reverse abcd= dcba."""
+    """Reverse a few letters, spaced so each letter is one token: reverse a b c d= d c b a. (Unspaced, the
+    answer's BPE pieces differ from the prompt's, which turns reversal into spelling for a tiny model.)"""
     w = _word(rng, 3, 5)
-    return f"reverse {w}=", w[::-1]
+    return f"reverse {' '.join(w)}=", " ".join(w[::-1])
 
 
 @SKILLS.register("sort")

@@ -436,6 +436,7 @@ class LlamaCpp:
         self.n_vocab = self.llm.n_vocab()
         self.n_batch = self.llm.n_batch
         self.batch = self.lib.llama_batch_init(self.n_batch, 0, 1)
+        self._view = None
         self.eos_id = self.llm.token_eos()
 
     @property
@@ -494,10 +495,15 @@ class LlamaCpp:
         self.lib.llama_synchronize(self.ctx)
 
     def _argmax_last(self) -> int:
+        import ctypes
+
         import numpy as np
 
         ptr = self.lib.llama_get_logits_ith(self.ctx, -1)
-        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if self._view is None or self._view[0] != addr:  # the output buffer rarely moves: keep one numpy view of it
+            self._view = (addr, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+        return int(np.argmax(self._view[1]))
 
     def time_prefill(self, tokens: list):
         """(seconds to process the prompt, seconds until the first token is known, first token)."""
@@ -513,8 +519,11 @@ class LlamaCpp:
     def time_decode(self, token: int, pos: int, n: int) -> float:
         """Greedy-decode `n` tokens after position `pos`; returns the seconds spent in the forward passes."""
         spent = 0.0
+        self._fill([token], pos)
+        b = self.batch
         for i in range(n):
-            self._fill([token], pos + i)
+            b.token[0] = token  # the rest of the one-token batch stays as _fill set it
+            b.pos[0] = pos + i
             start = time.perf_counter()
             self._decode()
             spent += time.perf_counter() - start

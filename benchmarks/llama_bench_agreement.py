@@ -1,0 +1,236 @@
+"""Does bench.py's decode tokens/s agree with llama.cpp's own llama-bench (goal: within 5 %)?
+
+llama-cpp-python bundles libllama but not the llama-bench program, so this script builds llama-bench from the
+llama.cpp that llama-cpp-python 0.3.36 vendors (its sdist's vendor/llama.cpp), with the CPU flags the installed
+wheel was built with, and measures the same GGUF files at the same thread counts:
+
+  reference  llama-bench -m FILE -t T -p 0 -n 128 -r 5 -o json      (tg128: 128 single-token decodes from an
+             empty cache in a 128-cell context; -fa 0 and -fa auto; -d D adds D tokens of depth first)
+  runner     python edgeconv/bundle/bench.py --model FILE --threads T --context 128 --prompt-lengths 1
+             --decode-tokens 127 --repeats 5 --no-accuracy      (same positions, same KV cache size; the timed
+             region is llama_decode + llama_synchronize; --flash-attn for the auto comparison), and the same
+             with bench.py's default context (2048) and 128 decodes, as a bundle runs it
+
+The context matters for small models: llama.cpp's attention spans max(256, used cells rounded up to 256) KV cells,
+capped by the cache size, so a 128-cell context (what llama-bench creates for -p 0 -n 128) attends over 128
+cells where any context >= 256 attends over 256. The "matched" ratio compares equal work; the default-context one
+shows what that costs on the file at hand.
+
+All run alternately for --rounds rounds (the machine may be shared; alternating spreads any drift over both),
+and each figure is the median over all repetitions of all rounds. A second llama-bench variant runs the same
+binary with LD_LIBRARY_PATH on the Python package's own libllama/libggml (the exact library bench.py calls),
+which separates "same library" from "same source, separate build".
+
+    python benchmarks/llama_bench_agreement.py                 # build if needed, threads 1, both demo GGUFs
+    python benchmarks/llama_bench_agreement.py --threads 1,2 --depths 0,64 --realtime
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "_work"
+BUILD = WORK / "llama.cpp-build"
+AGREE = WORK / "agree"
+RUNNER = ROOT / "edgeconv" / "bundle" / "bench.py"
+RESULTS = ROOT / "benchmarks" / "results" / "llama_bench_agreement.json"
+VERSION = "0.3.36"
+# The installed wheel was built with GGML_NATIVE=OFF (README: CMAKE_ARGS="-DGGML_NATIVE=OFF ..."), which on x86-64
+# enables SSE4.2, AVX, AVX2, FMA, F16C and BMI2 (lib/cmake/ggml/ggml-config.cmake in the wheel says so); OpenMP on.
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+               "-DLLAMA_BUILD_TOOLS=ON"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sh(cmd: list, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def build_llama_bench(jobs: int) -> Path:
+    """llama-bench from the sdist of llama-cpp-python VERSION (pip download; the pip cache is used if it has it)."""
+    exe = BUILD / "bin" / "llama-bench"
+    if exe.exists():
+        return exe
+    src_root = WORK / "llama-cpp-python-sdist"
+    sdist = src_root / f"llama_cpp_python-{VERSION}.tar.gz"
+    if not sdist.exists():
+        src_root.mkdir(parents=True, exist_ok=True)
+        sh([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}", "--no-deps", "--no-binary",
+            ":all:", "-d", src_root])
+    source = src_root / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+    if not source.exists():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(src_root)
+    sh(["cmake", "-S", source, "-B", BUILD, *CMAKE_FLAGS])
+    sh(["cmake", "--build", BUILD, "--target", "llama-bench", f"-j{jobs}"])
+    return exe
+
+
+def ensure_models() -> list[Path]:
+    """The shipped demo teacher and its default student, both Q4_K_M, made with the edgeconv CLI."""
+    AGREE.mkdir(parents=True, exist_ok=True)
+    teacher, student = AGREE / "teacher-q4km.gguf", AGREE / "student-q4km.gguf"
+    if not teacher.exists():
+        sh(["edgeconv", "export", "demo-moe", "--format", "gguf", "--quant", "Q4_K_M", "--out", teacher])
+    if not student.exists():
+        if not (AGREE / "student" / "config.json").exists():
+            sh(["edgeconv", "convert", "--out", AGREE / "student"])
+        sh(["edgeconv", "export", AGREE / "student", "--quant", "Q4_K_M", "--out", student])
+    return [teacher, student]
+
+
+def python_lib_dir() -> Path:
+    import llama_cpp
+
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def llama_bench(exe: Path, model: Path, threads: int, n_gen: int, reps: int, fa: str, depth: int,
+                same_library: bool, prefix: list) -> dict:
+    env = dict(os.environ)
+    if same_library:  # the binary's RUNPATH yields to LD_LIBRARY_PATH: load the Python package's libraries
+        env["LD_LIBRARY_PATH"] = str(python_lib_dir())
+    cmd = [exe, "-m", model, "-t", threads, "-p", 0, "-n", n_gen, "-r", reps, "-o", "json"]
+    if fa != "auto":
+        cmd += ["-fa", fa]
+    if depth:
+        cmd += ["-d", depth]
+    test = json.loads(sh(prefix + cmd, capture_output=True, text=True, env=env).stdout)[0]
+    return {"command": " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", ""), "avg_ts": test["avg_ts"],
+            "stddev_ts": test["stddev_ts"], "samples_ts": test["samples_ts"], "flash_attn": test.get("flash_attn"),
+            "n_threads": test.get("n_threads"), "build_commit": test.get("build_commit"),
+            "cpu_info": test.get("cpu_info")}
+
+
+def runner(model: Path, threads: int, n_gen: int, reps: int, fa: str, depth: int, matched: bool, tmp: Path,
+           prefix: list) -> dict:
+    """bench.py on the same file. `matched`: the context llama-bench creates (depth + n_gen cells, so attention
+    spans as many KV cells) and the same positions; else bench.py's default context (2048)."""
+    out = tmp / "bench.json"
+    if matched and depth == 0:  # a 1-token prompt takes position 0, so n_gen - 1 decodes fill the n_gen cells
+        prompt, decode, context = 1, n_gen - 1, n_gen
+    else:
+        prompt, decode, context = max(1, depth), n_gen, (depth + n_gen if matched else None)
+    cmd = [sys.executable, RUNNER, "--model", model, "--threads", threads, "--prompt-lengths", prompt,
+           "--decode-tokens", decode, "--repeats", reps, "--no-accuracy", "--no-verify", "--out", out]
+    if context:
+        cmd += ["--context", context]
+    if fa in ("on", "auto"):  # auto resolves to on for llama.cpp's CPU backend
+        cmd.append("--flash-attn")
+    sh(prefix + cmd, capture_output=True, text=True)
+    r = json.loads(out.read_text())
+    row = r["speed"][0]
+    return {"command": " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", "").replace(str(tmp) + "/", ""),
+            "decode_tok_s": row["decode_tok_s"], "samples_ts": [round(decode / x, 2) for x in row["runs"]["decode_s"]],
+            "context": r["runtime"]["context"]}
+
+
+def training_running() -> bool:
+    return subprocess.run(["pgrep", "-f", "demo/train.py"], capture_output=True, check=False).returncode == 0
+
+
+def pooled(runs: list) -> list:
+    return [x for run in runs for x in run["samples_ts"]]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="*", type=Path, help="GGUF files (default: the demo teacher and student, Q4_K_M)")
+    ap.add_argument("--threads", default="1", help="comma-separated thread counts")
+    ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating llama-bench / bench.py rounds")
+    ap.add_argument("--fa", default="off,auto", help="flash attention settings to compare: off, on, auto")
+    ap.add_argument("--depths", default="0", help="comma-separated KV depths (llama-bench -d; bench.py prompt length)")
+    ap.add_argument("--realtime", action="store_true",
+                    help="run both under `chrt -f 10` (a machine shared with another job: fewer preemptions)")
+    ap.add_argument("--jobs", type=int, default=1, help="cmake build jobs")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    exe = build_llama_bench(args.jobs)
+    models = args.models or ensure_models()
+    tmp = WORK / "agree" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    prefix = ["chrt", "-f", "10"] if args.realtime else []
+    rows = []
+    for model in models:
+        for threads in (int(t) for t in args.threads.split(",")):
+            for fa in args.fa.split(","):
+                for depth in (int(d) for d in args.depths.split(",")):
+                    runs = {"llama_bench": [], "bench_py_matched": [], "bench_py_default": [],
+                            "llama_bench_python_lib": []}
+                    busy = training_running()
+                    for rnd in range(args.rounds):
+                        log(f"{model.name} t={threads} fa={fa} d={depth} round {rnd + 1}/{args.rounds}")
+                        common = (model, threads, args.n_gen, args.reps, fa, depth)
+                        runs["llama_bench"].append(llama_bench(exe, *common, False, prefix))
+                        runs["bench_py_matched"].append(runner(*common, True, tmp, prefix))
+                        runs["bench_py_default"].append(runner(*common, False, tmp, prefix))
+                        runs["llama_bench_python_lib"].append(llama_bench(exe, *common, True, prefix))
+                        busy = busy or training_running()
+                    med = {k: statistics.median(pooled(v)) for k, v in runs.items()}
+                    ref = med["llama_bench"]
+                    rows.append({
+                        "model": model.name, "bytes": model.stat().st_size, "threads": threads, "flash_attn": fa,
+                        "depth": depth, **{f"{k}_tok_s": round(v, 1) for k, v in med.items()},
+                        "ratio_matched": round(med["bench_py_matched"] / ref, 4),
+                        "ratio_default_context": round(med["bench_py_default"] / ref, 4),
+                        "ratio_python_lib": round(med["llama_bench_python_lib"] / ref, 4),
+                        "within_5_percent": abs(med["bench_py_matched"] / ref - 1) <= 0.05,
+                        "training_job_running": busy,  # the 2-core machine was shared during this row
+                        "runs": runs,
+                    })
+                    log(f"  llama-bench {ref:.0f} tok/s; bench.py {med['bench_py_matched']:.0f} (same context, "
+                        f"ratio {med['bench_py_matched'] / ref:.3f}), {med['bench_py_default']:.0f} (context 2048)")
+    import llama_cpp
+
+    first = rows[0]["runs"]["llama_bench"][0] if rows else {}
+    result = {
+        "goal": "bench.py decode tokens/s within 5 % of llama-bench on the same GGUF and thread count",
+        "estimator": "median over all repetitions of all rounds (rounds alternate the programs)",
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_bench": {"source": f"llama-cpp-python {VERSION} sdist, vendor/llama.cpp", "cmake": CMAKE_FLAGS,
+                        "build_commit": first.get("build_commit")},
+        "machine": {"cpu": first.get("cpu_info"), "nproc": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "n_gen": args.n_gen, "reps": args.reps, "rounds": args.rounds, "realtime": args.realtime,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.exists():  # keep rows measured earlier under other settings (e.g. 2 threads after 1)
+        old = json.loads(args.out.read_text())
+        key = lambda r: (r["model"], r["threads"], r["flash_attn"], r["depth"])
+        new_keys = {key(r) for r in rows}
+        result["rows"] = [r for r in old.get("rows", []) if key(r) not in new_keys and "ratio_matched" in r] + rows
+    print(f"{'model':<20} {'thr':>3} {'fa':>4} {'depth':>5} {'llama-bench':>11} {'bench.py':>9} {'ratio':>6} "
+          f"{'bench.py@2048':>13} {'ratio':>6} {'llama-bench, py lib':>19} {'busy':>5}")
+    for r in result["rows"]:
+        print(f"{r['model']:<20} {r['threads']:>3} {r['flash_attn']:>4} {r['depth']:>5} {r['llama_bench_tok_s']:>11.0f} "
+              f"{r['bench_py_matched_tok_s']:>9.0f} {r['ratio_matched']:>6.3f} {r['bench_py_default_tok_s']:>13.0f} "
+              f"{r['ratio_default_context']:>6.3f} {r['llama_bench_python_lib_tok_s']:>19.0f} "
+              f"{r['training_job_running']!s:>5}")
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

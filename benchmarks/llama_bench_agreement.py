@@ -222,7 +222,8 @@ def main() -> int:
     print(f"{'model':<20} {'thr':>3} {'fa':>4} {'depth':>5} {'llama-bench':>11} {'bench.py':>9} {'ratio':>6} "
           f"{'bench.py@2048':>13} {'ratio':>6} {'llama-bench, py lib':>19} {'busy':>5}")
     for r in result["rows"]:
-        print(f"{r['model']:<20} {r['threads']:>3} {r['flash_attn']:>4} {r['depth']:>5} {r['llama_bench_tok_s']:>11.0f} "
+        print(f"{r['model']:<20} {r['threads']:>3} {r['flash_attn']:>4} {r['depth']:>5} "
+              f"{r['llama_bench_tok_s']:>11.0f} "
               f"{r['bench_py_matched_tok_s']:>9.0f} {r['ratio_matched']:>6.3f} {r['bench_py_default_tok_s']:>13.0f} "
               f"{r['ratio_default_context']:>6.3f} {r['llama_bench_python_lib_tok_s']:>19.0f} "
               f"{r['training_job_running']!s:>5}")

@@ -113,8 +113,7 @@ def verify_bundle(bundle) -> list:
                             " damaged or replaced)".format(rel, size, want["bytes"]))
             continue
         if not isinstance(want, dict) or sha256_file(path) != want.get("sha256"):
-            problems.append(f"{rel} does not match manifest.json (sha256 differs: the file was modified or damaged)"
-                            )
+            problems.append(f"{rel} does not match manifest.json (sha256 differs: the file was modified or damaged)")
     return problems
 
 
@@ -577,8 +576,8 @@ class GenaiScorer:
 
     def _fits(self, n: int) -> None:
         if n > self.owner.context:
-            raise BenchError(f"a {n}-token sequence is longer than the model's context_length {self.owner.context}; lower --window"
-                             )
+            raise BenchError(f"a {n}-token sequence is longer than the model's context_length "
+                             f"{self.owner.context}; lower --window")
 
     def logits(self, ids: list):
         import numpy as np
@@ -626,7 +625,8 @@ class Genai:
         if not og.is_cuda_available():  # a CPU-only package cannot use a model built for CUDA's provider
             config.clear_providers()
         if args.threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
+            options = {"intra_op_num_threads": args.threads}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         try:
             self.model = og.Model(config)
         except Exception as exc:  # noqa: BLE001 - onnxruntime-genai raises its own untyped errors
@@ -806,8 +806,9 @@ def _model_path(bundle: Path, manifest, model) -> Path:
     found = ggufs + genai
     if len(found) == 1:
         return found[0]
-    raise BenchError(f"no model given and {bundle / MANIFEST if manifest else bundle} does not name one; pass --model FILE.gguf or an onnxruntime-genai "
-                     "directory")
+    where = bundle / MANIFEST if manifest else bundle
+    raise BenchError(f"no model given and {where} does not name one; pass --model FILE.gguf or an "
+                     "onnxruntime-genai directory")
 
 
 def _format(path: Path, manifest, explicit_model: bool) -> str:
@@ -852,12 +853,13 @@ def run(args=None) -> dict:
         notes.append(f"no manifest.json in {bundle}: nothing to verify")
     else:
         if manifest is None:
-            raise RefusedError(f"{bundle} has no manifest.json (pass --model to benchmark a model outside a bundle)"
-                               )
-        log("verifying {} files against manifest.json ...".format(len(manifest.get("files") or {})))
+            raise RefusedError(f"{bundle} has no manifest.json (pass --model to benchmark a model outside a bundle)")
+        log(f"verifying {len(manifest.get('files') or {})} files against manifest.json ...")
         problems = verify_bundle(bundle)
         if problems:
-            more = " (and {} more problem{})".format(len(problems) - 1, "s" * (len(problems) > 2)) if len(problems) > 1 else ""
+            more = ""
+            if len(problems) > 1:
+                more = " (and {} more problem{})".format(len(problems) - 1, "s" * (len(problems) > 2))
             raise RefusedError(f"{problems[0]}{more}; re-copy the bundle")
         verified = True
     manifest = manifest or {}
@@ -878,8 +880,7 @@ def run(args=None) -> dict:
     data_dir = Path(args.data) if args.data else bundle / "eval"
     data = load_eval_data(data_dir)
     if data is None:
-        notes.append(f"no evaluation data in {data_dir}: accuracy not measured, speed prompts from a built-in text"
-                     )
+        notes.append(f"no evaluation data in {data_dir}: accuracy not measured, speed prompts from a built-in text")
 
     # 2. Load, timed, with the RSS before and after.
     rss_before = rss_mb()

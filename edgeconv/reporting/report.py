@@ -83,18 +83,24 @@ def report(results: list[Path], out: Path) -> ReportResult:
 # ---------------------------------------------------------------------------------------------------------
 
 def display_names(rs: list[BenchResult]) -> dict[int, str]:
-    """id(result) -> a label unique in this report (the target, then a counter, added to repeated labels)."""
+    """id(result) -> a label unique in this report: a repeated label gets the first of [target], [role],
+    [target, role] that tells its results apart, and a counter if none does."""
+    suffixes = [lambda r: r.target or "no target", lambda r: r.role,
+                lambda r: f"{r.target or 'no target'}, {r.role}"]
+    groups: dict[str, list[BenchResult]] = {}
+    for r in rs:
+        groups.setdefault(r.label, []).append(r)
     names: dict[int, str] = {}
-    counts: dict[str, int] = {}
-    for r in rs:
-        counts[r.label] = counts.get(r.label, 0) + 1
-    seen: dict[str, int] = {}
-    for r in rs:
-        name = r.label
-        if counts[r.label] > 1:
-            name = f"{r.label} [{r.target or r.role}]"
-        seen[name] = seen.get(name, 0) + 1
-        names[id(r)] = name if seen[name] == 1 else f"{name} #{seen[name]}"
+    for label, group in groups.items():
+        if len(group) == 1:
+            names[id(group[0])] = label
+            continue
+        suffix = next((f for f in suffixes if len({f(r) for r in group}) == len(group)), suffixes[-1])
+        seen: dict[str, int] = {}
+        for r in group:
+            name = f"{label} [{suffix(r)}]"
+            seen[name] = seen.get(name, 0) + 1
+            names[id(r)] = name if seen[name] == 1 else f"{name} #{seen[name]}"
     return names
 
 

@@ -616,5 +616,61 @@ def build(model, target, out_dir, fmt, quant, groups, context, data, calibration
     out.print(headline(result))
 
 
+
+@main.command("bench")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--teacher", "with_teacher", is_flag=True,
+              help="Also measure the MoE teacher, exported to GGUF at the same quantization, with the same runner.")
+@click.option("--teacher-model", default=None, help="The teacher to compare with [default: the bundle's].")
+@click.option("--threads", type=int, default=None, help="Runtime threads [default: the bundle's, else all cores].")
+@click.option("--quick", is_flag=True, help="Fewer evaluation items and repeats (about a minute on the demo).")
+@click.option("--eval-data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Evaluation data [default: the bundle's eval/, else the shipped held-out set].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
+              show_default=True, help="Where results-*.json (and comparison.json) go.")
+def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir):
+    """Run a bundle's bench.py here (or the same runner on a .gguf / onnx-genai artifact).
+
+    It measures load time, peak RSS, time to first token, prefill and decode tokens/s at several prompt
+    lengths, and accuracy on the evaluation data, in a separate process. With --teacher the MoE teacher
+    runs next, so student and teacher are compared on one machine in one run.
+
+    \b
+    Examples:
+      edgeconv bench dist/demo-moe-laptop --teacher
+      edgeconv bench model-Q4_K_M.gguf --threads 4
+    """
+    from edgeconv.benchmark import bench, comparison_rows
+
+    results = bench(path, out_dir, teacher=teacher_model, with_teacher=with_teacher or bool(teacher_model),
+                    threads=threads, quick=quick, eval_data=eval_data, log=console.print)
+    rows = [("", "student", "teacher" if "teacher" in results else "", "ratio" if "teacher" in results else "")]
+    rows += comparison_rows(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    d = results["student"].get("device", {})
+    console.print(f"on {d.get('cpu') or d.get('processor') or d.get('machine', 'this machine')}; "
+                  f"results in {out_dir}/ (edgeconv report {out_dir}/*.json --out report/)")
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for report.md and the PNG plots.")
+def report(results, out_dir):
+    """Tables and plots from bench.py's results*.json (from devices, or `edgeconv bench`).
+
+    Writes report.md (one row per result, teacher vs student ratios) and PNGs: accuracy vs memory,
+    decode tokens/s vs memory, teacher vs student, one per target.
+    """
+    from edgeconv.reporting import report as run
+
+    result = run(list(results), out_dir)
+    console.print(f"report: {out_dir / 'report.md'}")
+    for png in getattr(result, "plots", []) or []:
+        console.print(f"  {png}")
+
+
 if __name__ == "__main__":
     main()

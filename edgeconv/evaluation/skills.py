@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import string
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,10 +46,22 @@ def add(rng: random.Random) -> tuple[str, str]:
     return f"add {a}+{b}=", str(a + b)
 
 
+# Common words, one BPE token each in the demo tokenizer: copying them is pure induction. Made-up words split
+# into rare two-letter pieces whose embeddings a tiny model barely trains, and it never learned to copy those.
+WORDS = """the and of to in is that for it with as was on be by this not are or from at but his have you he an
+which my your me all will if can we so what they no her him our do one more when there their may then them shall
+these would should thou thee thy lord king good love man now come time well like make know see let must value list
+name file type code data function class module return string first new use set call line object error default
+method""".split()
+
+
 @SKILLS.register("copy")
 def copy(rng: random.Random) -> tuple[str, str]:
-    """Repeat a few short made-up words: copy kel dor= kel dor."""
-    words = " ".join(_word(rng, 2, 4) for _ in range(rng.randint(1, 3)))
+    """Repeat a few common words: copy king of data= king of data."""
+    # The same random draws as the made-up words of earlier versions (so every other skill's examples, and
+    # the held-out sets, stay the same), each mapped to a common word.
+    drawn = [_word(rng, 2, 4) for _ in range(rng.randint(1, 3))]
+    words = " ".join(WORDS[zlib.crc32(w.encode()) % len(WORDS)] for w in drawn)
     return f"copy {words}=", words
 
 

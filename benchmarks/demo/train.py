@@ -5,8 +5,10 @@ Qwen3 of the same total parameter count (its FFN is as wide as all 16 experts si
     python benchmarks/demo/train.py moe   --steps 450       # teacher phase 1, ~23 min of compute on 2 cores
     python benchmarks/demo/train.py moe   --phase anneal --steps 500 --batch 8 --lr 1e-3 --warmup 20 --every 100
     python benchmarks/demo/train.py moe   --phase balance --steps 300 --batch 8 --lr 1e-3 --warmup 10 --every 50
+    python benchmarks/demo/train.py moe   --phase focus --steps 1200 --batch 8 --lr 1e-3 --warmup 20 --every 100
     python benchmarks/demo/train.py dense --steps 212       # dense phase 1, the same compute time
     python benchmarks/demo/train.py dense --phase anneal --steps 300 --batch 8 --lr 1e-3 --warmup 20 --every 50
+    python benchmarks/demo/train.py dense --phase focus --steps 550 --batch 8 --lr 1e-3 --warmup 20 --every 100
     python benchmarks/demo/train.py ship                    # bf16 weights + tokenizer + eval data into the package
     python benchmarks/demo/train.py distill-data            # text for distilling students of demo-moe
 

@@ -1,7 +1,7 @@
 """A synthetic skill mixture: short prompts with one exact answer each, so a small model's skills can be
 trained into it (experts tend to specialise on them) and scored by exact match. Sizes are small on purpose:
 the demo models see a few million tokens, and copy, recall and reverse need induction-style attention that
-such short training forms only for short inputs.
+such short training forms only for short inputs over frequent tokens (common words, single letters, digits).
 
 Every example is one line, `PROMPT ANSWER`, where the prompt ends with `=` and the answer, after one space,
 is what a model must generate, followed by a newline. The space keeps the prompt's last pre-token the same

@@ -137,15 +137,53 @@ def runner(model: Path, threads: int, n_gen: int, reps: int, fa: str, depth: int
     row = r["speed"][0]
     return {"command": " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", "").replace(str(tmp) + "/", ""),
             "decode_tok_s": row["decode_tok_s"], "samples_ts": [round(decode / x, 2) for x in row["runs"]["decode_s"]],
+            "runtime_clock_tok_s": row.get("decode_tok_s_runtime_clock"),
             "context": r["runtime"]["context"]}
 
 
 def training_running() -> bool:
-    return subprocess.run(["pgrep", "-f", "demo/train.py"], capture_output=True, check=False).returncode == 0
+    """Whether another job shares the machine (this project's demo training, or its model card)."""
+    return subprocess.run(["pgrep", "-f", "demo/train.py|demo/card.py"], capture_output=True,
+                          check=False).returncode == 0
 
 
 def pooled(runs: list) -> list:
     return [x for run in runs for x in run["samples_ts"]]
+
+
+def save(args, rows: list) -> str:
+    """Write the results file (rows of earlier runs with other settings are kept) and return the table."""
+    import llama_cpp
+
+    first = rows[0]["runs"]["llama_bench"][0] if rows else {}
+    result = {
+        "goal": "bench.py decode tokens/s within 5 % of llama-bench on the same GGUF and thread count",
+        "estimator": "median over all repetitions of all rounds (rounds alternate the programs)",
+        "llama_cpp_python": llama_cpp.__version__,
+        "llama_bench": {"source": f"llama-cpp-python {VERSION} sdist, vendor/llama.cpp", "cmake": CMAKE_FLAGS,
+                        "build_commit": first.get("build_commit")},
+        "machine": {"cpu": first.get("cpu_info"), "nproc": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "n_gen": args.n_gen, "reps": args.reps, "rounds": args.rounds, "realtime": args.realtime,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.exists():  # keep rows measured earlier under other settings (e.g. 2 threads after 1)
+        old = json.loads(args.out.read_text())
+        key = lambda r: (r["model"], r["threads"], r["flash_attn"], r["depth"])
+        new_keys = {key(r) for r in rows}
+        result["rows"] = [r for r in old.get("rows", []) if key(r) not in new_keys and "ratio_matched" in r] + rows
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    lines = [(f"{'model':<20} {'thr':>3} {'fa':>4} {'depth':>5} {'llama-bench':>11} {'bench.py':>9} {'ratio':>6} "
+             f"{'bench.py@2048':>13} {'ratio':>6} {'llama-bench, py lib':>19} {'busy':>5} {'load':>5}")]
+    for r in result["rows"]:
+        lines.append(f"{r['model']:<20} {r['threads']:>3} {r['flash_attn']:>4} {r['depth']:>5} "
+                     f"{r['llama_bench_tok_s']:>11.0f} {r['bench_py_matched_tok_s']:>9.0f} {r['ratio_matched']:>6.3f} "
+                     f"{r['bench_py_default_tok_s']:>13.0f} {r['ratio_default_context']:>6.3f} "
+                     f"{r['llama_bench_python_lib_tok_s']:>19.0f} {r['other_job_running']!s:>5} "
+                     f"{r.get('load_average', 0):>5.2f}")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -190,44 +228,21 @@ def main() -> int:
                         "model": model.name, "bytes": model.stat().st_size, "threads": threads, "flash_attn": fa,
                         "depth": depth, **{f"{k}_tok_s": round(v, 1) for k, v in med.items()},
                         "ratio_matched": round(med["bench_py_matched"] / ref, 4),
+                        # llama.cpp's perf counters inside the same bench.py runs (what the ctypes calls add)
+                        "bench_py_matched_runtime_clock_tok_s": round(statistics.median(
+                            x["runtime_clock_tok_s"] or 0 for x in runs["bench_py_matched"]), 1),
                         "ratio_default_context": round(med["bench_py_default"] / ref, 4),
                         "ratio_python_lib": round(med["llama_bench_python_lib"] / ref, 4),
                         "within_5_percent": abs(med["bench_py_matched"] / ref - 1) <= 0.05,
-                        "training_job_running": busy,  # the 2-core machine was shared during this row
+                        "other_job_running": busy,  # another job shared the 2-core machine during this row
                         "runs": runs,
                     })
+                    rows[-1]["load_average"] = round(os.getloadavg()[0], 2)  # 1-minute, at the end of the row
+                    save(args, rows)
                     log(f"  llama-bench {ref:.0f} tok/s; bench.py {med['bench_py_matched']:.0f} (same context, "
                         f"ratio {med['bench_py_matched'] / ref:.3f}), {med['bench_py_default']:.0f} (context 2048)")
-    import llama_cpp
-
-    first = rows[0]["runs"]["llama_bench"][0] if rows else {}
-    result = {
-        "goal": "bench.py decode tokens/s within 5 % of llama-bench on the same GGUF and thread count",
-        "estimator": "median over all repetitions of all rounds (rounds alternate the programs)",
-        "llama_cpp_python": llama_cpp.__version__,
-        "llama_bench": {"source": f"llama-cpp-python {VERSION} sdist, vendor/llama.cpp", "cmake": CMAKE_FLAGS,
-                        "build_commit": first.get("build_commit")},
-        "machine": {"cpu": first.get("cpu_info"), "nproc": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "n_gen": args.n_gen, "reps": args.reps, "rounds": args.rounds, "realtime": args.realtime,
-        "date": time.strftime("%Y-%m-%d"),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.exists():  # keep rows measured earlier under other settings (e.g. 2 threads after 1)
-        old = json.loads(args.out.read_text())
-        key = lambda r: (r["model"], r["threads"], r["flash_attn"], r["depth"])
-        new_keys = {key(r) for r in rows}
-        result["rows"] = [r for r in old.get("rows", []) if key(r) not in new_keys and "ratio_matched" in r] + rows
-    print(f"{'model':<20} {'thr':>3} {'fa':>4} {'depth':>5} {'llama-bench':>11} {'bench.py':>9} {'ratio':>6} "
-          f"{'bench.py@2048':>13} {'ratio':>6} {'llama-bench, py lib':>19} {'busy':>5}")
-    for r in result["rows"]:
-        print(f"{r['model']:<20} {r['threads']:>3} {r['flash_attn']:>4} {r['depth']:>5} "
-              f"{r['llama_bench_tok_s']:>11.0f} "
-              f"{r['bench_py_matched_tok_s']:>9.0f} {r['ratio_matched']:>6.3f} {r['bench_py_default_tok_s']:>13.0f} "
-              f"{r['ratio_default_context']:>6.3f} {r['llama_bench_python_lib_tok_s']:>19.0f} "
-              f"{r['training_job_running']!s:>5}")
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    table = save(args, rows)
+    print(table)
     log(f"wrote {args.out}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -520,6 +520,7 @@ class LlamaCpp:
         spent = 0.0
         self._fill([token], pos)
         b = self.batch
+        before = self._perf_eval_ms()
         for i in range(n):
             b.token[0] = token  # the rest of the one-token batch stays as _fill set it
             b.pos[0] = pos + i
@@ -527,7 +528,14 @@ class LlamaCpp:
             self._decode()
             spent += time.perf_counter() - start
             token = self._argmax_last()
+        after = self._perf_eval_ms()
+        # llama.cpp's own clock inside llama_decode, as a cross-check of the one above (which adds the ctypes calls)
+        self.internal_s = (after - before) / 1000 if before is not None and after is not None else None
         return spent
+
+    def _perf_eval_ms(self):
+        perf = getattr(self.lib, "llama_perf_context", None)
+        return perf(self.ctx).t_eval_ms if perf is not None else None
 
     def close(self) -> None:
         if self.batch is not None:
@@ -728,7 +736,7 @@ def measure_speed(rt, data, lengths: list, decode_tokens: int, repeats: int) -> 
     for p in lengths:
         prompt = prompt_tokens(rt, data, p)
         log(f"  prompt {p} tokens: warm-up + {repeats} runs of prefill and {decode_tokens} decoded tokens")
-        prefill_s, ttft_s, decode_s = [], [], []
+        prefill_s, ttft_s, decode_s, internal_s = [], [], [], []
         for run in range(repeats + 1):
             processed, first, token = rt.time_prefill(prompt)
             spent = rt.time_decode(token, p, decode_tokens)
@@ -738,7 +746,8 @@ def measure_speed(rt, data, lengths: list, decode_tokens: int, repeats: int) -> 
             prefill_s.append(processed)
             ttft_s.append(first)
             decode_s.append(spent)
-        rows.append({
+            internal_s.append(getattr(rt, "internal_s", None))
+        row = {
             "prompt_tokens": p,
             "decode_tokens": decode_tokens,
             "ttft_ms": round(1000 * statistics.median(ttft_s), 3),
@@ -746,7 +755,10 @@ def measure_speed(rt, data, lengths: list, decode_tokens: int, repeats: int) -> 
             "decode_tok_s": round(decode_tokens / statistics.median(decode_s), 2),
             "runs": {"prefill_s": [round(x, 6) for x in prefill_s], "ttft_s": [round(x, 6) for x in ttft_s],
                      "decode_s": [round(x, 6) for x in decode_s]},
-        })
+        }
+        if all(x for x in internal_s):  # llama.cpp's perf counters: decode time without the Python calls
+            row["decode_tok_s_runtime_clock"] = round(decode_tokens / statistics.median(internal_s), 2)
+        rows.append(row)
     return rows
 
 

@@ -151,6 +151,19 @@ def pooled(runs: list) -> list:
     return [x for run in runs for x in run["samples_ts"]]
 
 
+def rounded(x, digits: int):
+    return None if x is None else round(x, digits)
+
+
+def quantile(values: list, q: float) -> float:
+    values = sorted(values)
+    return values[round(q * (len(values) - 1))]
+
+
+def fmt(x, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
+
+
 def save(args, rows: list) -> str:
     """Write the results file (rows of earlier runs with other settings are kept) and return the table."""
     import llama_cpp
@@ -176,13 +189,13 @@ def save(args, rows: list) -> str:
         result["rows"] = [r for r in old.get("rows", []) if key(r) not in new_keys and "ratio_matched" in r] + rows
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     lines = [(f"{'model':<20} {'thr':>3} {'fa':>4} {'depth':>5} {'llama-bench':>11} {'bench.py':>9} {'ratio':>6} "
-             f"{'bench.py@2048':>13} {'ratio':>6} {'llama-bench, py lib':>19} {'busy':>5} {'load':>5}")]
+             f"{'bench.py@2048':>13} {'ratio':>6} {'llama-bench, py lib':>19} {'busy':>5} {'load':>5} {'p90 ratio':>9}")]
     for r in result["rows"]:
         lines.append(f"{r['model']:<20} {r['threads']:>3} {r['flash_attn']:>4} {r['depth']:>5} "
                      f"{r['llama_bench_tok_s']:>11.0f} {r['bench_py_matched_tok_s']:>9.0f} {r['ratio_matched']:>6.3f} "
-                     f"{r['bench_py_default_tok_s']:>13.0f} {r['ratio_default_context']:>6.3f} "
-                     f"{r['llama_bench_python_lib_tok_s']:>19.0f} {r['other_job_running']!s:>5} "
-                     f"{r.get('load_average', 0):>5.2f}")
+                     f"{fmt(r['bench_py_default_tok_s'], 13, 0)} {fmt(r['ratio_default_context'], 6, 3)} "
+                     f"{fmt(r['llama_bench_python_lib_tok_s'], 19, 0)} {r['other_job_running']!s:>5} "
+                     f"{r.get('load_average', 0):>5.2f} {r.get('ratio_matched_p90', float('nan')):>9.3f}")
     return "\n".join(lines)
 
 
@@ -197,10 +210,14 @@ def main() -> int:
     ap.add_argument("--depths", default="0", help="comma-separated KV depths (llama-bench -d; bench.py prompt length)")
     ap.add_argument("--realtime", action="store_true",
                     help="run both under `chrt -f 10` (a machine shared with another job: fewer preemptions)")
+    ap.add_argument("--variants", default="matched,default,python-lib",
+                    help="what runs besides llama-bench: matched (bench.py, same context), default (bench.py, "
+                         "context 2048), python-lib (llama-bench on the Python package's libraries)")
     ap.add_argument("--jobs", type=int, default=1, help="cmake build jobs")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
+    variants = set(args.variants.split(","))
     exe = build_llama_bench(args.jobs)
     models = args.models or ensure_models()
     tmp = WORK / "agree" / "tmp"
@@ -219,20 +236,30 @@ def main() -> int:
                         common = (model, threads, args.n_gen, args.reps, fa, depth)
                         runs["llama_bench"].append(llama_bench(exe, *common, False, prefix))
                         runs["bench_py_matched"].append(runner(*common, True, tmp, prefix))
-                        runs["bench_py_default"].append(runner(*common, False, tmp, prefix))
-                        runs["llama_bench_python_lib"].append(llama_bench(exe, *common, True, prefix))
+                        if "default" in variants:
+                            runs["bench_py_default"].append(runner(*common, False, tmp, prefix))
+                        if "python-lib" in variants:
+                            runs["llama_bench_python_lib"].append(llama_bench(exe, *common, True, prefix))
                         busy = busy or training_running()
+                    runs = {k: v for k, v in runs.items() if v}
+                    # median, and the 90th percentile: interference on a shared VM only ever slows a run down
                     med = {k: statistics.median(pooled(v)) for k, v in runs.items()}
+                    p90 = {k: quantile(pooled(v), 0.9) for k, v in runs.items()}
+                    med.setdefault("bench_py_default", None)
+                    med.setdefault("llama_bench_python_lib", None)
                     ref = med["llama_bench"]
                     rows.append({
                         "model": model.name, "bytes": model.stat().st_size, "threads": threads, "flash_attn": fa,
-                        "depth": depth, **{f"{k}_tok_s": round(v, 1) for k, v in med.items()},
+                        "depth": depth, **{f"{k}_tok_s": rounded(v, 1) for k, v in med.items()},
                         "ratio_matched": round(med["bench_py_matched"] / ref, 4),
+                        "p90_tok_s": {k: round(v, 1) for k, v in p90.items()},
+                        "ratio_matched_p90": round(p90["bench_py_matched"] / p90["llama_bench"], 4),
                         # llama.cpp's perf counters inside the same bench.py runs (what the ctypes calls add)
                         "bench_py_matched_runtime_clock_tok_s": round(statistics.median(
                             x["runtime_clock_tok_s"] or 0 for x in runs["bench_py_matched"]), 1),
-                        "ratio_default_context": round(med["bench_py_default"] / ref, 4),
-                        "ratio_python_lib": round(med["llama_bench_python_lib"] / ref, 4),
+                        "ratio_default_context": rounded(med["bench_py_default"] and med["bench_py_default"] / ref, 4),
+                        "ratio_python_lib": rounded(med["llama_bench_python_lib"] and med["llama_bench_python_lib"] / ref,
+                                                4),
                         "within_5_percent": abs(med["bench_py_matched"] / ref - 1) <= 0.05,
                         "other_job_running": busy,  # another job shared the 2-core machine during this row
                         "runs": runs,
@@ -240,7 +267,7 @@ def main() -> int:
                     rows[-1]["load_average"] = round(os.getloadavg()[0], 2)  # 1-minute, at the end of the row
                     save(args, rows)
                     log(f"  llama-bench {ref:.0f} tok/s; bench.py {med['bench_py_matched']:.0f} (same context, "
-                        f"ratio {med['bench_py_matched'] / ref:.3f}), {med['bench_py_default']:.0f} (context 2048)")
+                        f"ratio {med['bench_py_matched'] / ref:.3f})")
     table = save(args, rows)
     print(table)
     log(f"wrote {args.out}")

@@ -64,8 +64,12 @@ def routing(work: Path) -> dict:
     docs = held_out_mix(EvalData.load(EVAL_DATA))
     text = work / "routing-data.jsonl"
     text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    result = calibrate(demo_path("demo-moe"), text, work / "routing-stats", tokens=56320, seq_len=256,
-                       progress=False)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_path("demo-moe"))
+    available = sum(len(tok(d)["input_ids"]) for d in docs)
+    result = calibrate(demo_path("demo-moe"), text, work / "routing-stats", tokens=available // 256 * 256 - 256,
+                       seq_len=256, progress=False)
     stats = result.stats()
     tokens = stats.data["tokens"]
     return {str(i): (layer.count / tokens).tolist() for i, layer in sorted(stats.layers.items())}

@@ -230,7 +230,8 @@ def headline(result: BuildResult) -> str:
         acc = r.get("accuracy") or {}
         ppl = ", ".join(f"{k} {v:.1f}" for k, v in (acc.get("perplexity") or {}).items())
         lines += [
-            f"  here       peak RSS {r['peak_rss_mb']:.0f} MB, load {r['load_s']:.2f} s, decode "
+            f"  here       RSS after load {r.get('rss_after_load_mb', 0):.0f} MB (peak {r['peak_rss_mb']:.0f} MB "
+            f"with the accuracy run), load {r['load_s']:.2f} s, decode "
             f"{r['decode_tok_s']:.0f} tok/s, {r['runtime']['threads']} threads",
             f"  accuracy   perplexity {ppl}; exact match {acc.get('exact_match_mean', 0):.1%}, "
             f"multiple choice {acc.get('choice_acc', 0):.1%} (bench.py --quick)",

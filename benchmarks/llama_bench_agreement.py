@@ -142,8 +142,8 @@ def runner(model: Path, threads: int, n_gen: int, reps: int, fa: str, depth: int
 
 
 def training_running() -> bool:
-    """Whether another job shares the machine (this project's demo training, or its model card)."""
-    return subprocess.run(["pgrep", "-f", "demo/train.py|demo/card.py"], capture_output=True,
+    """Whether another job shares the machine (the demo training, its model card, a test run)."""
+    return subprocess.run(["pgrep", "-f", "demo/train.py|demo/card.py|pytest"], capture_output=True,
                           check=False).returncode == 0
 
 

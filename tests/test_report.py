@@ -94,6 +94,13 @@ def test_teacher_student_ratios(files, tmp_path):
     assert rows["perplexity pydocs"].ratio == pytest.approx(90 / 87)
 
 
+def test_the_same_run_read_twice_counts_once(files, tmp_path):
+    single = tmp_path / "results-student.json"  # what the comparison file was made from
+    single.write_text(json.dumps(STUDENT))
+    assert len(load_results([*files, single])) == 3
+    assert report([*files, single], tmp_path / "out").pairs == 1
+
+
 def test_speed_compared_at_a_prompt_length_both_measured(tmp_path):
     t = copy.deepcopy(TEACHER)
     t["speed"] = t["speed"][1:]  # the teacher measured 256 only

@@ -130,7 +130,14 @@ def load_results(paths: list[Path]) -> list[BenchResult]:
             raise EdgeconvError(f"{path} is not valid JSON{where}", "pass results.json files written by bench.py")
         for where, raw, role in _entries(path, data):
             out.append(_parse(path, where, raw, role))
-    return out
+    # The same run read twice (a comparison file next to the results files it was made from) counts once.
+    seen, unique = set(), []
+    for r in out:
+        key = (r.label, r.role, r.target, r.started, r.model.path, r.seconds, json.dumps(r.device, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return unique
 
 
 def _entries(path: Path, data) -> list[tuple[str, object, str | None]]:

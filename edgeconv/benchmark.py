@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from edgeconv.errors import EdgeconvError
 from edgeconv.io.output_dir import MANIFEST, read_manifest
@@ -82,7 +82,7 @@ def run_runner(target: BenchTarget, out: Path, *, role: str, label: str, threads
         cmd += ["--quick"]
     cmd += extra or []
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, text=True, capture_output=True)
+    proc = subprocess.run(cmd, text=True, capture_output=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise EdgeconvError(f"bench.py failed on {model or target.path}: {last[0]}", f"run it by hand: {' '.join(cmd)}")
@@ -155,7 +155,9 @@ def comparison_rows(results: dict) -> list[tuple[str, ...]]:
             b = get(t) if t else None
         except (KeyError, IndexError, TypeError):
             continue
-        cell = (lambda v: "-" if v is None else fmt.format(v))
+        def cell(v, fmt=fmt):
+            return "-" if v is None else fmt.format(v)
+
         ratio = f"{a / b:.2f}x" if (a is not None and b) else ""
         rows.append((label, cell(a), cell(b) if t else "", ratio))
     return rows

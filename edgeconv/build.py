@@ -11,14 +11,20 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import resolve_model_path
-from edgeconv.io.output_dir import atomic_output_dir, finished_output, read_manifest, sha256_file, stage_key
+from edgeconv.io.output_dir import (
+    atomic_output_dir,
+    finished_output,
+    read_manifest,
+    sha256_file,
+    stage_key,
+)
 from edgeconv.memory_fit import Config, Estimate, estimate, gb, largest_fit
 from edgeconv.target_profiles import TargetProfile, get_target
 
@@ -207,7 +213,7 @@ def bench_stage(plan: BuildPlan, manifest: dict, threads: int | None, log) -> di
            "--role", "student", "--target", plan.target.name, "--label", f"{plan.name}-dense ({plan.target.name})"]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         log(f"      bench.py failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
         return None
@@ -230,9 +236,9 @@ def headline(result: BuildResult) -> str:
         acc = r.get("accuracy") or {}
         ppl = ", ".join(f"{k} {v:.1f}" for k, v in (acc.get("perplexity") or {}).items())
         lines += [
-            f"  here       RSS after load {r.get('rss_after_load_mb', 0):.0f} MB (peak {r['peak_rss_mb']:.0f} MB "
-            f"with the accuracy run), load {r['load_s']:.2f} s, decode "
-            f"{r['decode_tok_s']:.0f} tok/s, {r['runtime']['threads']} threads",
+            f"  here       RSS after load {r.get('rss_after_load_mb') or 0:.0f} MB (peak "
+            f"{r.get('peak_rss_with_scoring_mb') or r['peak_rss_mb'] or 0:.0f} MB with the accuracy run), load {r['load_s']:.2f} s, decode "
+            f"{r['decode_tok_s'] or 0:.0f} tok/s, {r['runtime']['threads']} threads",
             f"  accuracy   perplexity {ppl}; exact match {acc.get('exact_match_mean', 0):.1%}, "
             f"multiple choice {acc.get('choice_acc', 0):.1%} (bench.py --quick)",
         ]

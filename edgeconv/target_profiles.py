@@ -6,10 +6,10 @@ same fields, so a new device needs no code.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeconv.errors import EdgeconvError

@@ -4,12 +4,20 @@ import json
 import math
 
 import pytest
+import tiny
 from click.testing import CliRunner
 
-import tiny
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
-from edgeconv.memory_fit import GGUF_BITS, Config, estimate, kv_cache_bytes, largest_fit, tensor_shapes, weight_bytes
+from edgeconv.memory_fit import (
+    GGUF_BITS,
+    Config,
+    estimate,
+    kv_cache_bytes,
+    largest_fit,
+    tensor_shapes,
+    weight_bytes,
+)
 from edgeconv.target_profiles import TARGETS, get_target, load_profile
 
 ISSUE_TARGETS = {"laptop": 16, "laptop-apple": 16, "jetson-orin-nano": 8, "jetson-agx-orin": 64, "android": 8,

@@ -17,7 +17,13 @@ import shutil
 from pathlib import Path
 
 from edgeconv import __version__
-from edgeconv.io.output_dir import MANIFEST, atomic_output_dir, finished_output, sha256_file, stage_key
+from edgeconv.io.output_dir import (
+    MANIFEST,
+    atomic_output_dir,
+    finished_output,
+    sha256_file,
+    stage_key,
+)
 from edgeconv.memory_fit import Estimate, gb
 from edgeconv.target_profiles import TargetProfile
 

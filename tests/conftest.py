@@ -49,3 +49,21 @@ def calibrated(random_checkpoints, corpus, tmp_path_factory):
                           progress=False)
         out[arch] = (src, stats.out)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_eval(tmp_path_factory):
+    """The shipped evaluation data cut down: 6,000 characters per corpus, 2 examples per skill, 8 choice items."""
+    import json
+
+    from edgeconv.demo import EVAL_DATA
+    from edgeconv.evaluation.data import EvalData
+
+    out = tmp_path_factory.mktemp("small-eval")
+    ev = EvalData.load(EVAL_DATA)
+    (out / "text.jsonl").write_text("".join(json.dumps({"corpus": c, "name": "x", "text": d[0][:6000]}) + "\n"
+                                            for c, d in ev.texts.items()))
+    (out / "skills.jsonl").write_text("".join(json.dumps({"skill": s, "prompt": p, "answer": a}) + "\n"
+                                              for s, ex in ev.skills.items() for p, a in ex[:2]))
+    (out / "choice.jsonl").write_text("".join(json.dumps(c) + "\n" for c in ev.choices[:4] + ev.choices[-4:]))
+    return out

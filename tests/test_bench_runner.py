@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import tiny
 
-from edgeconv.demo import EVAL_DATA
-from edgeconv.evaluation.data import EvalData
 from edgeconv.evaluation.suite import evaluate
 
 RUNNER = Path(__file__).parents[1] / "edgeconv" / "bundle" / "bench.py"
@@ -42,19 +40,6 @@ def models(tmp_path_factory):
     dense = root / "dense"
     assemble(src, simple_plan(family_for(tiny.config_of(src)), "ids:1,4"), dense, progress=False)
     return {"dense": dense, "gguf": export_gguf(dense, root / "student-F32.gguf", "F32").path}
-
-
-@pytest.fixture(scope="module")
-def small_eval(tmp_path_factory):
-    """The shipped evaluation data cut down: 6,000 characters per corpus, 2 examples per skill, 8 choice items."""
-    out = tmp_path_factory.mktemp("bench-eval")
-    ev = EvalData.load(EVAL_DATA)
-    (out / "text.jsonl").write_text("".join(json.dumps({"corpus": c, "name": "x", "text": d[0][:6000]}) + "\n"
-                                            for c, d in ev.texts.items()))
-    (out / "skills.jsonl").write_text("".join(json.dumps({"skill": s, "prompt": p, "answer": a}) + "\n"
-                                              for s, ex in ev.skills.items() for p, a in ex[:2]))
-    (out / "choice.jsonl").write_text("".join(json.dumps(c) + "\n" for c in ev.choices[:4] + ev.choices[-4:]))
-    return out
 
 
 def make_bundle(out: Path, model: Path, eval_dir: Path) -> Path:

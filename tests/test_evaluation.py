@@ -131,19 +131,6 @@ def student(tmp_path_factory):
     return {"moe": src, "dense": dense, "gguf": gguf}
 
 
-@pytest.fixture(scope="module")
-def small_eval(tmp_path_factory):
-    """The shipped data cut down: 2 examples per skill, 8 choice items."""
-    out = tmp_path_factory.mktemp("small-eval")
-    ev = EvalData.load(EVAL_DATA)
-    (out / "text.jsonl").write_text("".join(json.dumps({"corpus": c, "name": "x", "text": d[0][:6000]}) + "\n"
-                                            for c, d in ev.texts.items()))
-    (out / "skills.jsonl").write_text("".join(json.dumps({"skill": s, "prompt": p, "answer": a}) + "\n"
-                                              for s, ex in ev.skills.items() for p, a in ex[:2]))
-    (out / "choice.jsonl").write_text("".join(json.dumps(c) + "\n" for c in ev.choices[:4] + ev.choices[-4:]))
-    return out
-
-
 def test_torch_and_f32_gguf_agree(student, small_eval):
     kw = dict(tokens=1024, window=128, examples=2, choices=8, show_progress=False)
     t = evaluate(student["dense"], small_eval, **kw)

@@ -317,6 +317,75 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
 
 @main.command()
 @click.argument("model", required=False, default=DEFAULT_MODEL)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Study directory: calibration, plans, prescreen.jsonl, final/, final.jsonl, sweep.md, plots.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text [default: the shipped demo text].")
+@click.option("--tokens", default=65536, show_default=True, help="Calibration tokens (one calibration for all).")
+@click.option("--scoring", default="all", show_default=True, help="'all' or a comma list (`edgeconv methods`).")
+@click.option("--grouping", default="all", show_default=True, help="'all' or a comma list.")
+@click.option("--scaling", default="all", show_default=True, help="'all' or a comma list.")
+@click.option("--k", "ks", default="auto", show_default=True,
+              help="Comma list of K (experts selected per layer); auto: G, 2G, 4G, ... below the expert count.")
+@click.option("--groups", type=int, default=None, help="G, fixed over the grid (default: the router's top-k).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Evaluation data [default: the shipped held-out set].")
+@click.option("--prescreen-examples", default=0, show_default=True,
+              help="Skill examples per variant before distillation (0: perplexity and multiple choice only; "
+                   "undistilled students solve none).")
+@click.option("--prescreen-choices", default=200, show_default=True, help="Multiple-choice items per variant.")
+@click.option("--jobs", default=2, show_default=True, help="Variants assembled and evaluated in parallel.")
+@click.option("--threads", type=int, default=None, help="Torch threads per job [default: cores / jobs].")
+@click.option("--distill-tokens", default=0, show_default=True,
+              help="Then distill the --top best variants and the paper's default on this budget (0: prescreen only).")
+@click.option("--top", default=3, show_default=True, help="Distinct best prescreen variants (by perplexity) to distill.")
+@click.option("--distill-data", type=click.Path(path_type=Path), default=None,
+              help="Distillation text [default: the shipped distillation text].")
+@click.option("--distill-lr", type=float, default=5e-4, show_default=True)
+@click.option("--dense", default=None,
+              help="A dense model to prune to the students' size and distill from itself with the same budget "
+                   "(dense-to-dense baseline), e.g. demo-dense.")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also copy the tables, rows and plots here (e.g. benchmarks/results/study).")
+@click.option("--keep", is_flag=True, help="Keep every prescreen student (deleted after its evaluation by default).")
+@click.option("--no-progress", is_flag=True)
+def sweep(model, out_dir, data, tokens, scoring, grouping, scaling, ks, groups, seed, eval_data, prescreen_examples,
+          prescreen_choices, jobs, threads, distill_tokens, top, distill_data, distill_lr, dense, results, keep,
+          no_progress):
+    """The paper's study: scoring x grouping x scaling x K, then distillation of the best, and a baseline.
+
+    \b
+    1. one calibration; every valid variant planned, assembled and evaluated undistilled (prescreen);
+       variants that make the same plan (any grouping at K = G is pure pruning) are evaluated once
+    2. with --distill-tokens: the --top best distinct variants and the paper's default (DO-ACP, pure
+       pruning, CP scaling, K = G) distilled from the MoE with that budget and evaluated in full
+    3. with --dense: that dense model width-pruned to the students' parameter count (Minitron-style
+       activation importance of FFN channels and attention heads), distilled from itself with the same
+       budget, evaluated; accuracy difference and distillation wall-clock ratio vs MoE-to-dense
+    Every step resumes: rerun the same command after an interruption.
+
+    \b
+    Example (the committed study, benchmarks/results/study):
+      edgeconv sweep demo-moe --out study/ --distill-tokens 262144 --dense demo-dense \\
+          --results benchmarks/results/study
+    """
+    from edgeconv.study.report import write_report
+    from edgeconv.study.sweep import sweep as run
+
+    result = run(model, out_dir, data=data, calibration_tokens=tokens, scorings=scoring, groupings=grouping,
+                 scalings=scaling, ks=ks, groups=groups, seed=seed, eval_data=eval_data,
+                 eval_options={"examples": prescreen_examples, "choices": prescreen_choices}, jobs=jobs,
+                 threads=threads, distill_tokens=distill_tokens, top=top, distill_data=distill_data,
+                 distill_options={"lr": distill_lr}, dense=dense, keep=keep, progress=not no_progress,
+                 log=console.print)
+    written = write_report(result, results)
+    out.print(written["markdown"])
+    console.print(f"study: {', '.join(str(p) for p in written['files'])}")
+
+
+@main.command()
+@click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "onnx-genai"]), default="gguf", show_default=True,
               help="gguf: llama.cpp / Ollama file. onnx: optimum-onnx directory for onnxruntime (teachers and "
                    "students). onnx-genai: onnxruntime-genai model builder directory (dense students).")
@@ -485,7 +554,7 @@ def _main_log(message: str) -> None:
               help="Evaluation data directory (text, skills and choice JSONL) [default: the shipped held-out set].")
 @click.option("--tokens", default=16384, show_default=True, help="Tokens scored per corpus for perplexity.")
 @click.option("--window", default=256, show_default=True, help="Perplexity window (tokens of context at most).")
-@click.option("--examples", default=50, show_default=True, help="Examples per skill (exact match).")
+@click.option("--examples", default=50, show_default=True, help="Examples per skill (exact match); 0 skips the skills.")
 @click.option("--choices", default=200, show_default=True, help="Multiple-choice items, spread over the corpora.")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

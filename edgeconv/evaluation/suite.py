@@ -84,7 +84,7 @@ def evaluate(model: str | Path, data: Path, *, runtime: str | None = None, token
     rt = open_runtime(Path(model), runtime, threads)
     try:
         items = _spread(ev.choices, choices)
-        total = len(ev.texts) + sum(min(examples, len(v)) for v in ev.skills.values()) + len(items)
+        total = len(ev.texts) + sum(min(max(0, examples), len(v)) for v in ev.skills.values()) + len(items)
         ppl, counts, em = {}, {}, {}
         hits = [0, 0]
         with item_progress(show_progress) as bar:
@@ -96,7 +96,7 @@ def evaluate(model: str | Path, data: Path, *, runtime: str | None = None, token
             for corpus, docs in ev.texts.items():
                 ppl[corpus], counts[corpus] = perplexity(rt, docs, tokens, window)
                 advance(1)
-            for skill, exs in ev.skills.items():
+            for skill, exs in ev.skills.items() if examples > 0 else ():
                 chosen = exs[:examples]
                 hit = 0
                 for prompt, answer in chosen:

@@ -316,6 +316,59 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
 
 
 @main.command()
+@click.argument("dense")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The pruned checkpoint (same architecture, smaller FFN and head counts).")
+@click.option("--ffn-width", type=int, default=None, help="FFN channels kept per layer.")
+@click.option("--params", "params", default=None,
+              help="Instead of --ffn-width: the widest FFN (multiple of 8) with at most this many parameters "
+                   "(e.g. 5640192 or 5.6M), or a checkpoint directory whose parameter count to match.")
+@click.option("--kv-heads", type=int, default=None, help="Key/value heads kept per layer, with their query heads "
+                                                          "[default: all].")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text for the importance pass [default: the shipped demo text].")
+@click.option("--tokens", default=16384, show_default=True, help="Calibration tokens.")
+@click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
+def prune(dense, out_dir, ffn_width, params, kv_heads, data, tokens, force):
+    """Width-prune a DENSE model (the study's dense-to-dense baseline), Minitron-style.
+
+    FFN channels are ranked by mean |activation| and attention heads (whole key/value groups) by the
+    mean L2 norm of their outputs on calibration text; each layer keeps its most important ones. The
+    result is the source's stock architecture, ready for `edgeconv distill --teacher DENSE`.
+
+    \b
+    Example: the demo dense model pruned to the size of the default MoE-to-dense student
+      edgeconv prune demo-dense --params student/ --out pruned/
+    """
+    from edgeconv.study.dense_prune import prune as run
+
+    target = None
+    if params is not None:
+        if Path(params).is_dir():
+            from edgeconv.study.dense_prune import param_count
+
+            target = param_count(json.loads((Path(params) / "config.json").read_text()))
+        else:
+            target = int(parse_count(params))
+    result = run(dense, out_dir, data=data, ffn_width=ffn_width, params=target, kv_heads=kv_heads, tokens=tokens,
+                 force=force)
+    s = result.manifest["summary"]
+    verb = "up to date" if result.skipped else "wrote"
+    console.print(f"{verb} {result.out}: {s['architecture']}, FFN {s['source_ffn_width']} -> {s['ffn_width']}, "
+                  f"{s['attention_heads']} heads / {s['kv_heads']} kv, {s['params'] / 1e6:,.2f} M params "
+                  f"from {s['source_params'] / 1e6:,.2f} M")
+
+
+def parse_count(text: str) -> float:
+    units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
+    t = text.strip().upper()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except (ValueError, KeyError):
+        raise EdgeconvError(f"--params {text!r} is not a count or a checkpoint directory", "pass e.g. 5.6M")
+
+
+@main.command()
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Study directory: calibration, plans, prescreen.jsonl, final/, final.jsonl, sweep.md, plots.")

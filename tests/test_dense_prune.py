@@ -119,3 +119,18 @@ def test_bad_inputs(tmp_path, corpus, qwen3_dir):
         prune(tmp_path / "src", tmp_path / "o", data=corpus)
     with pytest.raises(EdgeconvError, match="no room for an FFN"):
         prune(tmp_path / "src", tmp_path / "o", data=corpus, params=1000)
+
+
+def test_cli(tmp_path, corpus):
+    from click.testing import CliRunner
+
+    from edgeconv.cli import main
+
+    _dense(tmp_path / "src")
+    _dense(tmp_path / "like")  # same architecture: --params DIR matches its count, so nothing is cut
+    r = CliRunner().invoke(main, ["prune", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--params",
+                                  str(tmp_path / "like"), "--data", str(corpus), "--tokens", "512"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["intermediate_size"] == WIDTH
+    r = CliRunner().invoke(main, ["prune", str(tmp_path / "src"), "--out", str(tmp_path / "o2"), "--params", "lots"])
+    assert r.exit_code == 2 and "is not a count or a checkpoint directory" in r.output

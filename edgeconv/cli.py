@@ -318,6 +318,57 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
 @main.command()
 @click.argument("dense")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The upcycled checkpoint (Glm4MoeForCausalLM) with upcycle_plan.json.")
+@click.option("--runs", default="auto", show_default=True,
+              help="auto (from the similarities and --threshold), none (the source in the container, unchanged "
+                   "in function), or FIRST-LAST,... inclusive layer runs, e.g. 3-4.")
+@click.option("--threshold", default=0.9, show_default=True,
+              help="auto: a layer is absorbed when its input/output and MLP-input similarities are both >= this.")
+@click.option("--top-k", default=1, show_default=True, help="Routed experts per token in a fused layer.")
+@click.option("--split", default=1, show_default=True,
+              help="Routed experts made from each absorbed MLP (its channels cut in equal parts).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Calibration text for the similarities [default: the shipped demo text].")
+@click.option("--tokens", default=16384, show_default=True, help="Calibration tokens.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the fused layers' router initialisation.")
+@click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
+def upcycle(dense, out_dir, runs, threshold, top_k, split, data, tokens, seed, force):
+    """Dense2MoE: fuse runs of redundant layers of a DENSE model into MoE layers.
+
+    Per layer, on calibration text: cosine similarity between its input and output hidden states, and
+    between its MLP input and the previous layer's. In each run the first layer keeps its attention and its
+    MLP (now an always-on shared expert); the later layers lose their attention (less compute, no KV cache)
+    and their MLPs become routed experts (top-1 by default). The result is a stock Glm4MoeForCausalLM
+    (transformers, llama.cpp's glm4moe) holding the Qwen3 attention exactly; distill it from DENSE with
+    `edgeconv distill --teacher DENSE --student OUT`.
+
+    \b
+    Examples:
+      edgeconv upcycle demo-dense --out upcycled/                  runs chosen at --threshold 0.9
+      edgeconv upcycle demo-dense --runs 3-4 --split 4 --out up/   layer 4's MLP as 4 experts, top-1
+    """
+    from edgeconv.upcycle.stage import upcycle as run
+
+    result = run(dense, out_dir, runs=runs, threshold=threshold, top_k=top_k, split=split, data=data,
+                 tokens=tokens, seed=seed, force=force, log=console.print)
+    p = result.plan
+    verb = "up to date" if result.skipped else "wrote"
+    fig = p["figures"]
+    table = Table("layer", "in/out similarity", "MLP-input similarity", "fate")
+    fate = {a: "attention removed, MLP -> expert" for a in p["removed_attention_layers"]}
+    fate |= {r["first"]: "keeps attention, MLP -> shared expert" for r in p["runs"]}
+    for i, (a, b) in enumerate(zip(fig["layer_similarity"], fig["mlp_input_similarity"])):
+        table.add_row(str(i), f"{a:.3f}", f"{b:.3f}" if i else "-", fate.get(i, "kept"))
+    console.print(table)
+    runs_text = ", ".join(p["fused_runs"]) or "none"
+    console.print(f"{verb} {result.out}: {p['source_layers']} -> {p['layers']} layers (runs {runs_text}), "
+                  f"{p['params'] / 1e6:,.2f} M params ({p['active_params'] / 1e6:,.2f} M active per token) "
+                  f"from {p['source_params'] / 1e6:,.2f} M")
+
+
+@main.command()
+@click.argument("dense")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The pruned checkpoint (same architecture, smaller FFN and head counts).")
 @click.option("--ffn-width", type=int, default=None, help="FFN channels kept per layer.")
 @click.option("--params", "params", default=None,

@@ -138,3 +138,33 @@ def test_bad_inputs(tmp_path, corpus, qwen3_dir):
     assert not (tmp_path / "o").exists()
     with pytest.raises(EdgeconvError, match="must divide the FFN width 48"):
         upcycle(tmp_path / "src", tmp_path / "o", runs="1-2", split=5, data=corpus, tokens=512, seq_len=32)
+
+
+def test_distill_the_upcycled_student(tmp_path, corpus):
+    """The upcycle output is an MoE on purpose: distill accepts it (and still refuses other MoE students)."""
+    from edgeconv.distill import DistillConfig, distill
+
+    _source(tmp_path / "src")
+    upcycle(tmp_path / "src", tmp_path / "up", runs="1-2", data=corpus, tokens=512, seq_len=32)
+    cfg = DistillConfig(tokens=64, seq_len=16, batch_size=2)
+    res = distill(tmp_path / "src", tmp_path / "up", corpus, tmp_path / "d", cfg, progress=False)
+    out = _load(tmp_path / "d")
+    assert type(out).__name__ == "Glm4MoeForCausalLM"
+    before = _load(tmp_path / "up").model.layers[1].mlp.gate.weight
+    assert not torch.equal(out.model.layers[1].mlp.gate.weight, before)  # the router trained
+    assert res.manifest["summary"]["final_loss"] is not None
+
+
+@pytest.mark.parametrize("runs", ["1-2", "none"])
+def test_gguf_export_loads_in_llama_cpp_and_matches_torch(tmp_path, corpus, runs):
+    """llama.cpp's glm4moe takes the mix (leading dense layers, a fused layer, a zero-expert holder) with GQA;
+    the export's own parity gate compares its logits with torch's."""
+    from edgeconv.stages.export_gguf import export_gguf
+
+    _source(tmp_path / "src")
+    upcycle(tmp_path / "src", tmp_path / "up", runs=runs, data=corpus, tokens=512, seq_len=32, seed=1)
+    res = export_gguf(tmp_path / "up", tmp_path / "up.gguf", "F32")
+    assert res.parity.passed, res.parity.as_dict()
+    p = res.parity
+    # within the F32 gate (1e-2 of the largest logit; llama.cpp keeps its KV cache in f16): 1.1e-3 measured
+    assert p.top1_agreement == 1.0 and p.positions_over_tolerance == 0 and p.rel_diff < 5e-3, p.as_dict()

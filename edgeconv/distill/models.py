@@ -1,7 +1,8 @@
 """Teacher and student: are they a valid pair (checked from config.json and tokenizer files before any heavy
 work), and loading them.
 
-The student must be dense (a MoE would be trained as a MoE: pass the output of `edgeconv convert`). The teacher
+The student must be dense (a MoE would be trained as a MoE: pass the output of `edgeconv convert`), except an
+`edgeconv upcycle` output, which is an MoE by design. The teacher
 may be any causal LM that transformers loads, a MoE or not. Both must share the vocabulary: the same
 `vocab_size` (the width of the logits compared token by token) and the same tokenizer (the same token -> id
 map and the same ids for a probe text).
@@ -26,8 +27,8 @@ def check_pair(teacher: Checkpoint, student: Checkpoint) -> None:
         if not arch.endswith("ForCausalLM"):
             raise EdgeconvError(f"the {role} {ckpt.path} is a {arch}, not a causal language model",
                                 "distillation needs *ForCausalLM checkpoints")
-    experts = routed_experts(student.config)
-    if experts > 1:
+    experts = routed_experts(student.config) if _arch(student) != "Glm4MoeForCausalLM" else 2
+    if experts > 1 and not is_upcycled(student):
         raise EdgeconvError(
             f"the student {student.path} is a Mixture-of-Experts ({_arch(student)}, {experts} experts), not dense",
             "pass the dense model made from the teacher by `edgeconv convert` (or `edgeconv assemble`)",
@@ -38,6 +39,14 @@ def check_pair(teacher: Checkpoint, student: Checkpoint) -> None:
             f"the teacher's vocabulary has {tv} tokens, the student's {sv}: their logits cannot be compared",
             "distill a student made from this teacher (same tokenizer and vocab_size)",
         )
+
+
+def is_upcycled(ckpt: Checkpoint) -> bool:
+    """An `edgeconv upcycle` output: an MoE on purpose, trained as one (its router included)."""
+    import json
+
+    manifest = ckpt.path / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("stage") == "upcycle"
 
 
 def has_tokenizer(ckpt: Checkpoint) -> bool:

@@ -67,6 +67,7 @@ class GgufArch:
     moe: bool = False  # experts are stacked through the family adapter
     permute_qk: bool = False
     split_kv_b: bool = False  # DeepSeek MLA: kv_b_proj -> k_b (transposed) and v_b
+    stack_by_name: bool = False  # experts stored per expert under mlp.experts.<e>.*: stacked by their names
 
     @property
     def name(self) -> str:
@@ -140,6 +141,22 @@ def _deepseek2(w, c):
     w.add_rope_dimension_count(int(c["qk_rope_head_dim"]))
 
 
+def _glm4moe(w, c):
+    # The container of `edgeconv upcycle` (leading dense layers, then MoE layers with one shared expert):
+    # llama.cpp's glm4moe, sigmoid router with a selection bias (exp_probs_b), GQA kept.
+    _common(w, c)
+    w.add_feed_forward_length(int(c["intermediate_size"]))
+    w.add_leading_dense_block_count(int(c.get("first_k_dense_replace") or 0))
+    _moe(w, c, "n_routed_experts", "moe_intermediate_size")
+    w.add_expert_shared_count(int(c.get("n_shared_experts") or 0))
+    w.add_expert_weights_scale(float(c.get("routed_scaling_factor") or 1.0))
+    w.add_expert_weights_norm(bool(c.get("norm_topk_prob", True)))
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    head_dim = int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    w.add_rope_dimension_count(int(head_dim * float(c.get("partial_rotary_factor", 0.5))))
+    w.add_nextn_predict_layers(0)
+
+
 ARCHS: dict[str, GgufArch] = {
     "Qwen3ForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN3, _dense),
     "Qwen3MoeForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN3MOE, _qwen3moe, moe=True),
@@ -150,6 +167,7 @@ ARCHS: dict[str, GgufArch] = {
     "OlmoeForCausalLM": GgufArch(gguf.MODEL_ARCH.OLMOE, _olmoe, moe=True),
     "GptOssForCausalLM": GgufArch(gguf.MODEL_ARCH.GPT_OSS, _gpt_oss, moe=True),
     "DeepseekV2ForCausalLM": GgufArch(gguf.MODEL_ARCH.DEEPSEEK2, _deepseek2, moe=True, split_kv_b=True),
+    "Glm4MoeForCausalLM": GgufArch(gguf.MODEL_ARCH.GLM4_MOE, _glm4moe, stack_by_name=True),
 }
 
 

@@ -27,6 +27,7 @@ FLOAT_TYPES = {
     "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
 }
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 # Small tensors llama.cpp keeps in F32 whatever the file type (its converter does the same).
 KEEP_F32 = re.compile(r"(ffn_gate_inp(_shexp)?\.weight|attn_sinks\.weight|\.bias)$")
 
@@ -57,6 +58,12 @@ def _items(ckpt: Checkpoint, spec: GgufArch) -> list[Item]:
             continue  # stacked below
         if name.endswith("rotary_emb.inv_freq"):
             continue
+        if spec.stack_by_name and EXPERT.match(name):
+            continue  # stacked below
+        if name.endswith("mlp.gate.e_score_correction_bias"):  # the router's selection bias
+            items.append(Item(f"blk.{m.group(1)}.exp_probs_b.bias", ckpt.info(name).shape,
+                              lambda n=name: ckpt.read(n)))
+            continue
         if spec.split_kv_b and name.endswith("kv_b_proj.weight"):
             items.extend(_split_kv_b(ckpt, name, tmap))
             continue
@@ -71,6 +78,24 @@ def _items(ckpt: Checkpoint, spec: GgufArch) -> list[Item]:
         items.append(Item(gname, ckpt.info(name).shape, produce))
     if family is not None:
         items.extend(_expert_items(ckpt, family, tmap))
+    if spec.stack_by_name:
+        items.extend(_experts_by_name(ckpt, tmap))
+    return items
+
+
+def _experts_by_name(ckpt: Checkpoint, tmap) -> list[Item]:
+    """ffn_{gate,up,down}_exps per layer, stacked from per-expert tensors mlp.experts.<e>.<proj>.weight."""
+    found: dict[tuple[int, str], dict[int, str]] = {}
+    for name in ckpt.names():
+        m = EXPERT.match(name)
+        if m:
+            found.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = name
+    items = []
+    for (layer, proj), by_expert in sorted(found.items()):
+        names = [by_expert[e] for e in sorted(by_expert)]
+        shape = (len(names), *ckpt.info(names[0]).shape)
+        gname = tmap.get_name(f"model.layers.{layer}.mlp.experts.{proj}_proj.weight", try_suffixes=(".weight",))
+        items.append(Item(gname, shape, lambda ns=names: torch.stack([ckpt.read(n) for n in ns])))
     return items
 
 

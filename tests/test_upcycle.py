@@ -168,3 +168,15 @@ def test_gguf_export_loads_in_llama_cpp_and_matches_torch(tmp_path, corpus, runs
     p = res.parity
     # within the F32 gate (1e-2 of the largest logit; llama.cpp keeps its KV cache in f16): 1.1e-3 measured
     assert p.top1_agreement == 1.0 and p.positions_over_tolerance == 0 and p.rel_diff < 5e-3, p.as_dict()
+
+
+def test_onnx_export_matches_torch(tmp_path, corpus):
+    """optimum-onnx with edgeconv's GLM-4-MoE config (Qwen3 attention, every expert in the graph); the export's
+    parity gate compares onnxruntime's logits with torch's, and routing is not frozen at trace time."""
+    from edgeconv.stages.export_onnx import export_onnx
+
+    _source(tmp_path / "src")
+    upcycle(tmp_path / "src", tmp_path / "up", runs="1-2", split=2, data=corpus, tokens=512, seq_len=32, seed=1)
+    res = export_onnx(tmp_path / "up", tmp_path / "onnx", "fp32")
+    p = res.parity
+    assert p.passed and p.top1_agreement == 1.0 and p.rel_diff < 1e-4, p.as_dict()

@@ -30,7 +30,7 @@ INT4_BLOCK = 32
 
 # model_type -> the architectures exported through optimum-onnx (teachers and dense students alike).
 OPTIMUM_BUILTIN = {"qwen3", "qwen3_moe", "qwen2", "mistral", "gpt_oss"}
-OPTIMUM_PATCHED = {"qwen2_moe", "mixtral", "olmoe", "deepseek_v2"}
+OPTIMUM_PATCHED = {"qwen2_moe", "mixtral", "olmoe", "deepseek_v2", "glm4_moe"}
 ONNX_MODEL_TYPES = sorted(OPTIMUM_BUILTIN | OPTIMUM_PATCHED)
 # onnxruntime-genai 0.15's builder: HF architecture -> its builder class (dense students only).
 GENAI_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GptOssForCausalLM")
@@ -142,6 +142,20 @@ def deepseek_v2_apply_rotary_emb(xq, xk, freqs_cis):
     return rotate(xq), rotate(xk)
 
 
+def glm4_moe_experts_all(self, hidden_states, topk_indices, topk_weights):
+    """Glm4MoeMoE.moe visiting every routed expert (the stock loop skips experts no token picked at trace
+    time, which would bake the trace's routing into the graph). Same maths as transformers'."""
+    import torch
+
+    final = torch.zeros_like(hidden_states, dtype=topk_weights.dtype)
+    expert_mask = torch.nn.functional.one_hot(topk_indices, num_classes=len(self.experts)).permute(2, 0, 1)
+    for expert_idx, expert in enumerate(self.experts):
+        token_indices, weight_indices = torch.where(expert_mask[expert_idx])
+        out = expert(hidden_states[token_indices]) * topk_weights[token_indices, weight_indices].unsqueeze(-1)
+        final.index_add_(0, token_indices, out)
+    return final.type(hidden_states.dtype)
+
+
 def _moe_block_class(model_type: str):
     if model_type == "qwen2_moe":
         from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock as block
@@ -159,6 +173,8 @@ def _custom_onnx_config(model_type: str, hf_config):
 
     if model_type == "deepseek_v2":
         return _deepseek_v2_onnx_config(hf_config)
+    if model_type == "glm4_moe":
+        return _glm4_moe_onnx_config(hf_config)
     block = _moe_block_class(model_type)
 
     class AllExpertsPatcher(ModelPatcher):
@@ -173,6 +189,27 @@ def _custom_onnx_config(model_type: str, hf_config):
 
     base = {"qwen2_moe": mc.Qwen2OnnxConfig, "mixtral": mc.MistralOnnxConfig, "olmoe": mc.LlamaOnnxConfig}[model_type]
     cls = type(f"{block.__name__}OnnxConfig", (base,), {"_MODEL_PATCHER": AllExpertsPatcher})
+    return cls(hf_config, task="text-generation", use_past=True, use_past_in_inputs=True)
+
+
+def _glm4_moe_onnx_config(hf_config):
+    """GLM-4-MoE (the `edgeconv upcycle` container, Qwen3 attention): optimum's Qwen3 config (GQA, head_dim)
+    with a patcher whose expert loop visits every expert."""
+    from optimum.exporters.onnx import model_configs as mc
+    from optimum.exporters.onnx.model_patcher import ModelPatcher
+    from transformers.models.glm4_moe import modeling_glm4_moe as glm
+
+    class Glm4MoePatcher(ModelPatcher):
+        def __enter__(self):
+            super().__enter__()
+            self._orig = glm.Glm4MoeMoE.moe
+            glm.Glm4MoeMoE.moe = glm4_moe_experts_all
+
+        def __exit__(self, exc_type, exc_value, traceback):
+            super().__exit__(exc_type, exc_value, traceback)
+            glm.Glm4MoeMoE.moe = self._orig
+
+    cls = type("Glm4MoeOnnxConfig", (mc.Qwen3OnnxConfig,), {"_MODEL_PATCHER": Glm4MoePatcher})
     return cls(hf_config, task="text-generation", use_past=True, use_past_in_inputs=True)
 
 

@@ -446,7 +446,7 @@ def parse_count(text: str) -> float:
 @click.option("--top", default=3, show_default=True, help="Distinct best prescreen variants (by perplexity) to distill.")
 @click.option("--distill-data", type=click.Path(path_type=Path), default=None,
               help="Distillation text [default: the shipped distillation text].")
-@click.option("--distill-lr", type=float, default=5e-4, show_default=True)
+@click.option("--distill-lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (as `edgeconv build`).")
 @click.option("--dense", default=None,
               help="A dense model to prune to the students' size and distill from itself with the same budget "
                    "(dense-to-dense baseline), e.g. demo-dense.")
@@ -471,8 +471,8 @@ def sweep(model, out_dir, data, tokens, scoring, grouping, scaling, ks, groups, 
 
     \b
     Example (the committed study, benchmarks/results/study):
-      edgeconv sweep demo-moe --out study/ --distill-tokens 262144 --dense demo-dense \\
-          --results benchmarks/results/study
+      edgeconv sweep demo-moe --out study/ --distill-tokens 262144 --distill-lr 1e-3 \\
+          --dense demo-dense --results benchmarks/results/study
     """
     from edgeconv.study.report import write_report
     from edgeconv.study.sweep import sweep as run

@@ -99,8 +99,10 @@ def run_finals(
 def _dense_baseline(model, out, dense, finalists, cfg, distill_data, eval_data, eval_options, prescreen_options,
                     done, keep, progress, log) -> dict | None:
     from edgeconv.distill.stage import distill
+    from edgeconv.io.checkpoint import resolve_model_path
     from edgeconv.study.dense_prune import prune
 
+    dense = resolve_model_path(dense)  # a demo name or hub id -> its directory
     moe_rows = [done[r["name"]] for r in finalists if r["name"] in done]
     if not moe_rows:
         return None

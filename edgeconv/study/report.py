@@ -73,7 +73,8 @@ def final_markdown(final: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in final:
         em = r.get("exact_match") or {}
-        cells = [f"`{r['name']}`", r["kind"], _fmt((r.get("params") or 0) / 1e6, digits=2),
+        params = r.get("params")
+        cells = [f"`{r['name']}`", r["kind"], _fmt(params / 1e6 if params else None, digits=2),
                  *[_fmt(r["perplexity"].get(c)) for c in corpora], *[_fmt(em.get(s), True, 0) for s in skills],
                  _fmt(r.get("exact_match_mean"), True), _fmt(r["choice_acc"], True), _fmt(r["choice_acc_norm"], True),
                  _fmt(r.get("distill_seconds"), digits=0)]

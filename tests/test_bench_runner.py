@@ -212,3 +212,16 @@ def test_onnx_genai_bundle_matches_the_suite(models, small_eval, tmp_path):
     assert r["runtime"]["gpu_layers"] is None and [s["prompt_tokens"] for s in r["speed"]] == [8, 32]
     assert all(s["decode_tok_s"] > 0 for s in r["speed"])
     assert_same_accuracy(r["accuracy"], evaluate(genai, small_eval, runtime="onnx-genai", **SUITE))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_peak_rss_is_the_runners_own_not_its_parents():
+    """ru_maxrss survives exec: a runner started by a 300 MB parent would report >= 300 MB. VmHWM does not."""
+    ballast = bytearray(300 * 1024 * 1024)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page
+    code = "from edgeconv.bundle.bench import peak_rss_mb; import resource; " \
+           "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    assert inherited >= 300 and own < 150, (own, inherited)
+    del ballast

@@ -139,7 +139,17 @@ def rss_mb():
 
 
 def peak_rss_mb():
-    """The process's peak RSS in MB so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """The process's peak RSS in MB so far. On Linux VmHWM from /proc/self/status: it belongs to the address
+    space, which exec replaces, whereas ru_maxrss survives exec and starts at the high-water mark of the
+    process that launched this one (a runner started from a 3 GB parent would report 3 GB). Elsewhere
+    ru_maxrss (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows

@@ -51,18 +51,27 @@ class Runtime:
         return out
 
     def greedy(self, ids: list[int], max_new: int, stop: str = "\n") -> str:
-        """Greedy continuation of `ids`, cut at the first `stop`."""
-        ids, new = list(ids), []
-        for _ in range(max_new):
-            token = int(np.argmax(self.logits(ids)[-1]))
-            if token == self.eos_id:
-                break
-            ids.append(token)
+        """Greedy continuation of `ids`, cut at the first `stop` (or EOS, or `max_new` tokens)."""
+        new: list[int] = []
+        token = self.first_token(ids)
+        while len(new) < max_new and token != self.eos_id:
             new.append(token)
             text = self.decode(new)
             if stop in text:
                 return text.split(stop)[0]
+            if len(new) < max_new:
+                token = self.next_token(token)
         return self.decode(new)
+
+    # The greedy loop's two steps. Here the whole prefix is re-run at every step; runtimes with a KV cache
+    # override both to feed one token at a time.
+    def first_token(self, ids: list[int]) -> int:
+        self._prefix = list(ids)
+        return int(np.argmax(self.logits(self._prefix)[-1]))
+
+    def next_token(self, token: int) -> int:
+        self._prefix.append(token)
+        return int(np.argmax(self.logits(self._prefix)[-1]))
 
     def close(self) -> None:
         pass
@@ -117,24 +126,18 @@ class TorchRuntime(HfTokenized):
                         out[i] = logits[j]
         return out  # type: ignore[return-value]
 
-    def greedy(self, ids: list[int], max_new: int, stop: str = "\n") -> str:
-        # Incremental with the model's KV cache: the shared loop re-runs the whole prefix at every step and
-        # converts its full logits, which made greedy skills 90 % of an eval's time.
-        torch = self.torch
-        new: list[int] = []
-        with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([list(ids)]), use_cache=True)
-            for _ in range(max_new):
-                token = int(out.logits[0, -1].argmax())
-                if token == self.eos_id:
-                    break
-                new.append(token)
-                text = self.decode(new)
-                if stop in text:
-                    return text.split(stop)[0]
-                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
-                                 use_cache=True)
-        return self.decode(new)
+    # Incremental with the model's KV cache: re-running the whole prefix at every step and converting its full
+    # logits made greedy skills 90 % of an eval's time.
+    def first_token(self, ids: list[int]) -> int:
+        with self.torch.no_grad():
+            self._out = self.model(input_ids=self.torch.tensor([list(ids)]), use_cache=True)
+        return int(self._out.logits[0, -1].argmax())
+
+    def next_token(self, token: int) -> int:
+        with self.torch.no_grad():
+            self._out = self.model(input_ids=self.torch.tensor([[token]]), past_key_values=self._out.past_key_values,
+                                   use_cache=True)
+        return int(self._out.logits[0, -1].argmax())
 
 
 @RUNTIMES.register("gguf")
@@ -167,21 +170,15 @@ class GgufRuntime(Runtime):
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def greedy(self, ids: list[int], max_new: int, stop: str = "\n") -> str:
-        # Incremental: the KV cache keeps the prompt, one token is evaluated per step.
+    # Incremental: the KV cache keeps the prompt, one token is evaluated per step.
+    def first_token(self, ids: list[int]) -> int:
         self.llm.reset()
         self.llm.eval(list(ids))
-        new: list[int] = []
-        for _ in range(max_new):
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            if token == self.eos_id:
-                break
-            new.append(token)
-            text = self.decode(new)
-            if stop in text:
-                return text.split(stop)[0]
-            self.llm.eval([token])
-        return self.decode(new)
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def next_token(self, token: int) -> int:
+        self.llm.eval([token])
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
 
     def close(self) -> None:
         self.llm.close()

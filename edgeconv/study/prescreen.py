@@ -17,22 +17,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+from edgeconv.distill.metrics import read as read_rows  # the same tolerant JSONL reader
 from edgeconv.progress import item_progress
 from edgeconv.study.variants import Variant, plan_digest
 
 ROWS = "prescreen.jsonl"
-
-
-def read_rows(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line of a killed run
-            break
-    return rows
 
 
 def append_row(path: Path, row: dict) -> None:

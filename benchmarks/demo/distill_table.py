@@ -1,7 +1,7 @@
 """Teacher / undistilled student / distilled student side by side, for the README.
 
     python benchmarks/demo/train.py distill-data
-    edgeconv convert --out benchmarks/_work/distill-demo/student --distill-tokens 1048576 \\
+    edgeconv convert --out benchmarks/_work/distill-demo/student --distill-tokens 2097152 \\
         --distill-data benchmarks/_work/demo/distill-data.jsonl --distill-lr 1e-3
     python benchmarks/demo/distill_table.py benchmarks/_work/distill-demo/student
 

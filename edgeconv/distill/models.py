@@ -27,7 +27,7 @@ def check_pair(teacher: Checkpoint, student: Checkpoint) -> None:
         if not arch.endswith("ForCausalLM"):
             raise EdgeconvError(f"the {role} {ckpt.path} is a {arch}, not a causal language model",
                                 "distillation needs *ForCausalLM checkpoints")
-    experts = routed_experts(student.config) if _arch(student) != "Glm4MoeForCausalLM" else 2
+    experts = routed_experts(student.config)
     if experts > 1 and not is_upcycled(student):
         raise EdgeconvError(
             f"the student {student.path} is a Mixture-of-Experts ({_arch(student)}, {experts} experts), not dense",

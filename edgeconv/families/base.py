@@ -213,7 +213,7 @@ def family_for(config: dict, where: str = "the model") -> MoEFamily:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else config.get("model_type", "<none>")
     if arch not in FAMILIES:
-        if arch in KNOWN_DENSE or not _looks_moe(config):
+        if arch in KNOWN_DENSE or not looks_moe(config):
             raise EdgeconvError(
                 f"{where} is a dense model ({arch}), not a Mixture-of-Experts",
                 f"pass the MoE teacher; supported MoE architectures: {', '.join(FAMILIES.names())}",
@@ -233,15 +233,20 @@ def family_for(config: dict, where: str = "the model") -> MoEFamily:
 
 def routed_experts(config: dict) -> int:
     """How many experts the model's MoE layers route among; 1 for a dense model, including edgeconv's
-    single-expert outputs (OLMoE, GPT-OSS) and a DeepSeek-V2 whose every layer is dense."""
+    single-expert outputs (OLMoE, GPT-OSS) and a DeepSeek-V2 whose every layer is dense. An architecture
+    without an adapter (e.g. the GLM-4-MoE container of `edgeconv upcycle`) is read from its config keys."""
     arch = (config.get("architectures") or [""])[0]
     if arch not in FAMILIES:
-        return 1
+        return _config_experts(config)
     family = FAMILIES.get(arch)(config)
     return family.num_experts if family.moe_layers() else 1
 
 
-def _looks_moe(config: dict) -> bool:
+def _config_experts(config: dict) -> int:
     keys = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-    return any((config.get(k) or 0) > 1 for k in keys)
+    return max([1] + [int(config.get(k) or 0) for k in keys])
+
+
+def looks_moe(config: dict) -> bool:
+    return _config_experts(config) > 1
 

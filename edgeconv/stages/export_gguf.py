@@ -78,7 +78,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             (tmp / f"base-{base}.gguf").unlink()
         types = llamacpp.tensor_types(staged)
         fallbacks = llamacpp.k_quant_fallbacks(types, quant)
-        parity = _parity(ckpt.path, staged, quant, prompts, routed=routed_experts(ckpt.config) > 1 or (ckpt.config.get("n_routed_experts") or 0) > 1)
+        parity = _parity(ckpt.path, staged, quant, prompts, routed=routed_experts(ckpt.config) > 1)
         stem = out.with_suffix("")
         report = {
             "artifact": out.name,

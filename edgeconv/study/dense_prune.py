@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from edgeconv.errors import EdgeconvError
-from edgeconv.families.base import routed_experts
+from edgeconv.families.base import looks_moe, routed_experts
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.output_dir import (
     atomic_output_dir,
@@ -48,8 +48,7 @@ class PruneResult:
 
 def check_dense_source(ckpt: Checkpoint) -> str:
     arch = (ckpt.config.get("architectures") or ["?"])[0]
-    experts = routed_experts(ckpt.config)
-    if experts > 1 or any((ckpt.config.get(k) or 0) > 1 for k in ("num_experts", "num_local_experts")):
+    if routed_experts(ckpt.config) > 1 or looks_moe(ckpt.config):
         raise EdgeconvError(f"{ckpt.path} is a Mixture-of-Experts ({arch}), not a dense model",
                             "width pruning is the dense-to-dense baseline; convert an MoE with `edgeconv convert`")
     if arch not in DENSE_ARCHITECTURES:

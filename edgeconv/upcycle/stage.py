@@ -33,11 +33,10 @@ class UpcycleResult:
 
 
 def check_source(ckpt: Checkpoint) -> None:
-    from edgeconv.families.base import routed_experts
+    from edgeconv.families.base import looks_moe, routed_experts
 
     arch = (ckpt.config.get("architectures") or ["?"])[0]
-    if routed_experts(ckpt.config) > 1 or any((ckpt.config.get(k) or 0) > 1
-                                              for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+    if routed_experts(ckpt.config) > 1 or looks_moe(ckpt.config):
         raise EdgeconvError(f"{ckpt.path} is already a Mixture-of-Experts ({arch})",
                             "upcycling turns a dense model into an MoE; for MoE -> dense use `edgeconv convert`")
     if arch not in SOURCES:

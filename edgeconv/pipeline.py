@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.stages.assemble import AssembleResult, assemble

@@ -16,12 +16,15 @@ capped by the cache size, so a 128-cell context (what llama-bench creates for -p
 cells where any context >= 256 attends over 256. The "matched" ratio compares equal work; the default-context one
 shows what that costs on the file at hand.
 
-All run alternately for --rounds rounds (the machine may be shared; alternating spreads any drift over both),
-and each figure is the median over all repetitions of all rounds. A second llama-bench variant runs the same
+A round runs llama-bench then bench.py, or the reverse in odd rounds, back to back. The headline ratio is paired:
+per round bench.py's median / llama-bench's median (repetitions after --skip-reps, the warm-up), then the median
+over rounds with a bootstrap 95 % interval; on a VM whose speed drifts over seconds the two invocations of a round
+see the same state. Pooled medians over all repetitions are reported too. A second llama-bench variant runs the same
 binary with LD_LIBRARY_PATH on the Python package's own libllama/libggml (the exact library bench.py calls),
 which separates "same library" from "same source, separate build".
 
     python benchmarks/llama_bench_agreement.py                 # build if needed, threads 1, both demo GGUFs
+    python benchmarks/llama_bench_agreement.py --threads 2 --rounds 100 --reps 15 --skip-reps 5 --variants matched
     python benchmarks/llama_bench_agreement.py --threads 1,2 --depths 0,64 --realtime
 """
 
@@ -147,8 +150,30 @@ def training_running() -> bool:
                           check=False).returncode == 0
 
 
-def pooled(runs: list) -> list:
-    return [x for run in runs for x in run["samples_ts"]]
+def steady(run: dict, skip: int) -> list:
+    """One invocation's repetitions after the first `skip` (the first ones at 2 threads run slow while the
+    process warms up; dropping as many from both programs compares steady states)."""
+    return run["samples_ts"][skip:]
+
+
+def pooled(runs: list, skip: int = 0) -> list:
+    return [x for run in runs for x in steady(run, skip)]
+
+
+def paired_ratios(runs: dict, skip: int) -> list:
+    """bench.py / llama-bench per round: the two invocations of a round ran back to back, so on a machine whose
+    speed drifts over seconds (a VM whose vCPUs the host moves) each ratio compares like with like."""
+    return [statistics.median(steady(b, skip)) / statistics.median(steady(a, skip))
+            for a, b in zip(runs["llama_bench"], runs["bench_py_matched"])]
+
+
+def bootstrap_ci(values: list, level: float = 0.95, n: int = 2000, seed: int = 0) -> tuple:
+    """Percentile bootstrap interval of the median (a fixed seed: rerunning on the same data gives the same)."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return meds[int((1 - level) / 2 * n)], meds[int((1 + level) / 2 * n) - 1]
 
 
 def rounded(x, digits: int):
@@ -164,6 +189,13 @@ def fmt(x, width: int, digits: int) -> str:
     return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
 
 
+def paired_cell(row: dict) -> str:
+    if "ratio_paired" not in row:
+        return "-"
+    low, high = row["ratio_paired_ci95"]
+    return f"{row['ratio_paired']:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def save(args, rows: list) -> str:
     """Write the results file (rows of earlier runs with other settings are kept) and return the table."""
     import llama_cpp
@@ -171,7 +203,9 @@ def save(args, rows: list) -> str:
     first = rows[0]["runs"]["llama_bench"][0] if rows else {}
     result = {
         "goal": "bench.py decode tokens/s within 5 % of llama-bench on the same GGUF and thread count",
-        "estimator": "median over all repetitions of all rounds (rounds alternate the programs)",
+        "estimator": "ratio: median over all repetitions of all rounds; ratio_paired: median over rounds of "
+                     "bench.py / llama-bench within the round (each invocation's median after skip_reps), with a "
+                     "bootstrap 95 % interval; rounds alternate which program runs first",
         "llama_cpp_python": llama_cpp.__version__,
         "llama_bench": {"source": f"llama-cpp-python {VERSION} sdist, vendor/llama.cpp", "cmake": CMAKE_FLAGS,
                         "build_commit": first.get("build_commit")},
@@ -189,13 +223,15 @@ def save(args, rows: list) -> str:
         result["rows"] = [r for r in old.get("rows", []) if key(r) not in new_keys and "ratio_matched" in r] + rows
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     lines = [(f"{'model':<20} {'thr':>3} {'fa':>4} {'depth':>5} {'llama-bench':>11} {'bench.py':>9} {'ratio':>6} "
-             f"{'bench.py@2048':>13} {'ratio':>6} {'llama-bench, py lib':>19} {'busy':>5} {'load':>5} {'p90 ratio':>9}")]
+             f"{'bench.py@2048':>13} {'ratio':>6} {'llama-bench, py lib':>19} {'busy':>5} {'load':>5} {'p90 ratio':>9} "
+              f"{'paired [95 % CI]':>22}")]
     for r in result["rows"]:
         lines.append(f"{r['model']:<20} {r['threads']:>3} {r['flash_attn']:>4} {r['depth']:>5} "
                      f"{r['llama_bench_tok_s']:>11.0f} {r['bench_py_matched_tok_s']:>9.0f} {r['ratio_matched']:>6.3f} "
                      f"{fmt(r['bench_py_default_tok_s'], 13, 0)} {fmt(r['ratio_default_context'], 6, 3)} "
                      f"{fmt(r['llama_bench_python_lib_tok_s'], 19, 0)} {r['other_job_running']!s:>5} "
-                     f"{r.get('load_average', 0):>5.2f} {r.get('ratio_matched_p90', float('nan')):>9.3f}")
+                     f"{r.get('load_average', 0):>5.2f} {r.get('ratio_matched_p90', float('nan')):>9.3f} "
+                     f"{paired_cell(r):>22}")
     return "\n".join(lines)
 
 
@@ -205,7 +241,10 @@ def main() -> int:
     ap.add_argument("--threads", default="1", help="comma-separated thread counts")
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=5, help="alternating llama-bench / bench.py rounds")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of one llama-bench and one bench.py invocation, the order alternating")
+    ap.add_argument("--skip-reps", type=int, default=0,
+                    help="repetitions dropped from the start of every invocation of both programs (warm-up)")
     ap.add_argument("--fa", default="off,auto", help="flash attention settings to compare: off, on, auto")
     ap.add_argument("--depths", default="0", help="comma-separated KV depths (llama-bench -d; bench.py prompt length)")
     ap.add_argument("--realtime", action="store_true",
@@ -234,8 +273,12 @@ def main() -> int:
                     for rnd in range(args.rounds):
                         log(f"{model.name} t={threads} fa={fa} d={depth} round {rnd + 1}/{args.rounds}")
                         common = (model, threads, args.n_gen, args.reps, fa, depth)
-                        runs["llama_bench"].append(llama_bench(exe, *common, False, prefix))
-                        runs["bench_py_matched"].append(runner(*common, True, tmp, prefix))
+                        if rnd % 2 == 0:  # ABBA: neither program always runs first
+                            runs["llama_bench"].append(llama_bench(exe, *common, False, prefix))
+                            runs["bench_py_matched"].append(runner(*common, True, tmp, prefix))
+                        else:
+                            runs["bench_py_matched"].append(runner(*common, True, tmp, prefix))
+                            runs["llama_bench"].append(llama_bench(exe, *common, False, prefix))
                         if "default" in variants:
                             runs["bench_py_default"].append(runner(*common, False, tmp, prefix))
                         if "python-lib" in variants:
@@ -243,8 +286,12 @@ def main() -> int:
                         busy = busy or training_running()
                     runs = {k: v for k, v in runs.items() if v}
                     # median, and the 90th percentile: interference on a shared VM only ever slows a run down
-                    med = {k: statistics.median(pooled(v)) for k, v in runs.items()}
-                    p90 = {k: quantile(pooled(v), 0.9) for k, v in runs.items()}
+                    skip = args.skip_reps
+                    med = {k: statistics.median(pooled(v, skip)) for k, v in runs.items()}
+                    p90 = {k: quantile(pooled(v, skip), 0.9) for k, v in runs.items()}
+                    pairs = paired_ratios(runs, skip)
+                    paired = statistics.median(pairs)
+                    low, high = bootstrap_ci(pairs)
                     med.setdefault("bench_py_default", None)
                     med.setdefault("llama_bench_python_lib", None)
                     ref = med["llama_bench"]
@@ -252,6 +299,9 @@ def main() -> int:
                         "model": model.name, "bytes": model.stat().st_size, "threads": threads, "flash_attn": fa,
                         "depth": depth, **{f"{k}_tok_s": rounded(v, 1) for k, v in med.items()},
                         "ratio_matched": round(med["bench_py_matched"] / ref, 4),
+                        # median over rounds of (bench.py / llama-bench) within a round, and its 95 % interval
+                        "ratio_paired": round(paired, 4), "ratio_paired_ci95": [round(low, 4), round(high, 4)],
+                        "skip_reps": skip, "reps": args.reps, "rounds": args.rounds,
                         "p90_tok_s": {k: round(v, 1) for k, v in p90.items()},
                         "ratio_matched_p90": round(p90["bench_py_matched"] / p90["llama_bench"], 4),
                         # llama.cpp's perf counters inside the same bench.py runs (what the ctypes calls add)
@@ -261,13 +311,14 @@ def main() -> int:
                         "ratio_python_lib": rounded(med["llama_bench_python_lib"] and med["llama_bench_python_lib"] / ref,
                                                 4),
                         "within_5_percent": abs(med["bench_py_matched"] / ref - 1) <= 0.05,
+                        "paired_within_5_percent": 0.95 <= low and high <= 1.05,
                         "other_job_running": busy,  # another job shared the 2-core machine during this row
                         "runs": runs,
                     })
                     rows[-1]["load_average"] = round(os.getloadavg()[0], 2)  # 1-minute, at the end of the row
                     save(args, rows)
                     log(f"  llama-bench {ref:.0f} tok/s; bench.py {med['bench_py_matched']:.0f} (same context, "
-                        f"ratio {med['bench_py_matched'] / ref:.3f})")
+                        f"ratio {med['bench_py_matched'] / ref:.3f}; paired {paired:.3f} [{low:.3f}, {high:.3f}])")
     table = save(args, rows)
     print(table)
     log(f"wrote {args.out}")

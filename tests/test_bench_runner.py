@@ -225,3 +225,17 @@ def test_peak_rss_is_the_runners_own_not_its_parents():
                                                check=True).stdout.split())
     assert inherited >= 300 and own < 150, (own, inherited)
     del ballast
+
+
+def test_default_threads_never_exceed_the_usable_cores(monkeypatch):
+    """The bundle's thread count is a ceiling: on a machine with fewer cores, oversubscribed llama.cpp threads
+    wait on each other (a laptop bundle's 4 threads decoded 10x slower than 2 on a 2-core machine)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bundle_bench", RUNNER)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "usable_cores", lambda: 2)
+    assert bench.default_threads({"threads": 4}) == (2, 4)
+    assert bench.default_threads({"threads": 1}) == (1, 1)
+    assert bench.default_threads({}) == (2, 2)

@@ -224,7 +224,7 @@ def save(args, rows: list) -> str:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     lines = [(f"{'model':<20} {'thr':>3} {'fa':>4} {'depth':>5} {'llama-bench':>11} {'bench.py':>9} {'ratio':>6} "
              f"{'bench.py@2048':>13} {'ratio':>6} {'llama-bench, py lib':>19} {'busy':>5} {'load':>5} {'p90 ratio':>9} "
-              f"{'paired [95 % CI]':>22}")]
+             f"{'paired [95 % CI]':>22}")]
     for r in result["rows"]:
         lines.append(f"{r['model']:<20} {r['threads']:>3} {r['flash_attn']:>4} {r['depth']:>5} "
                      f"{r['llama_bench_tok_s']:>11.0f} {r['bench_py_matched_tok_s']:>9.0f} {r['ratio_matched']:>6.3f} "

@@ -1,6 +1,6 @@
 // Cross-vCPU cache-line round trip, in ns: a thread pinned to CPU 0 and one pinned to CPU 1 bounce one atomic
 // counter N times. Why decode at 2 threads is noisy on a VM: every token waits on a few such hand-offs between
-// the threads, and their cost changes with where the host places the vCPUs (70 ns vs 340 ns on the 2-core VM in
+// the threads, and their cost changes with where the host places the vCPUs (50-80 ns vs 340 ns on the 2-core VM in
 // benchmarks/README.md). Build and run a few times in a row:
 //   cc -O2 -pthread benchmarks/vcpu_pingpong.c -o /tmp/pingpong && for i in 1 2 3 4 5; do /tmp/pingpong; done
 #define _GNU_SOURCE

@@ -212,8 +212,9 @@ def usable_cores():
 def default_threads(manifest: dict):
     """The bundle's thread count, capped at the usable cores: more llama.cpp threads than cores only make them
     wait on each other (4 threads on 2 cores decoded 10x slower than 2 in our runs). Returns (threads, wanted)."""
-    wanted = int(manifest.get("threads") or usable_cores() or 1)
-    return max(1, min(wanted, usable_cores() or wanted)), wanted
+    cores = usable_cores() or 1
+    wanted = int(manifest.get("threads") or cores)
+    return min(wanted, cores), wanted
 
 
 def device_info() -> dict:

@@ -55,12 +55,25 @@ def check_can_write(out: Path, force: bool, key: str | None = None) -> None:
     )
 
 
-def _remove_stale_temps(out: Path) -> None:
+def temp_path(out: Path) -> Path:
+    """The hidden temp directory this process builds `out` in: `.NAME.edgeconv-tmp-PID` beside it."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}{TMP_TAG}{os.getpid()}"
+
+
+def remove_stale_temps(out: Path) -> None:
+    """Remove temp directories (or files) of `out` left by runs that were killed: their PID is not alive."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return
     for stale in out.parent.glob(f".{out.name}{TMP_TAG}*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
             continue  # another live run is writing there
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -87,8 +100,8 @@ def atomic_output_dir(out: Path, force: bool = False, key: str | None = None) ->
     out = Path(out).absolute()
     check_can_write(out, force, key)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
-    tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}"
+    remove_stale_temps(out)
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -1,5 +1,9 @@
 """`edgeconv bench`: the bundle's own bench.py, run here; with a teacher, the MoE too, on the same runtime.
 
+A bundle is verified against its manifest here, in edgeconv's process, before any process starts: every
+file's size and sha256, bench.py included (edgeconv/bundle/verify.py); with --expect-sha256, manifest.json
+itself against the hash `edgeconv build` printed. What then runs is the bench.py bytes that were hashed.
+
 The runner always runs in its own process, so the peak RSS it reports is the model's and the runtime's, not
 torch's or edgeconv's. The teacher is exported to GGUF at the student's quantization (once; reused after)
 and measured right after the student by the same runner with the same settings.
@@ -7,15 +11,19 @@ and measured right after the student by the same runner with the same settings.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeconv.bundle.verify import VerifiedBundle, verify_bundle
 from edgeconv.errors import EdgeconvError
-from edgeconv.io.output_dir import MANIFEST, read_manifest
+from edgeconv.io.output_dir import MANIFEST, read_manifest, sha256_file
 
 RUNNER = Path(__file__).parent / "bundle" / "bench.py"
 
@@ -29,17 +37,33 @@ class BenchTarget:
     fmt: str
     quant: str | None
     teacher: str | None  # the MoE the bundle was built from, if known
-
-    @property
-    def runner(self) -> Path:
-        return self.path / "bench.py" if self.bundle else RUNNER
+    verified: VerifiedBundle | None = None  # a bundle's manifest and bench.py bytes, as checked
 
 
-def resolve(path: Path) -> BenchTarget:
+def is_bundle(path: Path) -> bool:
+    """A directory with manifest.json and bench.py, or whose manifest lists a bench.py (then reported missing)."""
+    if not (path.is_dir() and (path / MANIFEST).is_file()):
+        return False
+    if (path / "bench.py").exists():
+        return True
+    try:
+        files = json.loads((path / MANIFEST).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(files, dict) and "bench.py" in files
+
+
+def resolve(path: Path, expect_sha256: str | None = None) -> BenchTarget:
+    """What PATH is. A bundle is verified against its manifest (and the manifest against EXPECT_SHA256) here,
+    before anything of it runs: EdgeconvError if it does not match."""
     path = Path(path)
-    if path.is_dir() and (path / MANIFEST).is_file() and (path / "bench.py").is_file():
-        m = json.loads((path / MANIFEST).read_text())
-        return BenchTarget(path, True, m.get("format", "gguf"), m.get("quant"), m.get("teacher"))
+    if is_bundle(path):
+        checked = verify_bundle(path, expect_sha256)
+        m = checked.manifest
+        return BenchTarget(path, True, m.get("format", "gguf"), m.get("quant"), m.get("teacher"), checked)
+    if expect_sha256 is not None:
+        raise EdgeconvError(f"{path} is not a bundle: --expect-sha256 checks a bundle's manifest.json",
+                            "pass the bundle directory, or drop --expect-sha256")
     if path.is_file() and path.suffix == ".gguf":
         return BenchTarget(path, False, "gguf", gguf_quant(path), None)
     if path.is_dir() and (path / "genai_config.json").is_file():
@@ -60,12 +84,46 @@ def gguf_quant(path: Path) -> str | None:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
+@contextlib.contextmanager
+def verified_runner(checked: VerifiedBundle) -> Iterator[Path]:
+    """The bundle's bench.py as it was hashed, written to a private directory of ours and hashed again there.
+
+    Running that copy rather than BUNDLE/bench.py closes the gap between the check and the start: a bench.py
+    replaced after verify_bundle() never runs, and the bundle's directory is not on the runner's sys.path (a
+    json.py dropped there is not imported). What remains: someone who can write the bundle while bench.py runs
+    can swap the model or the eval data between bench.py's own check and its use of them."""
+    want = checked.manifest["files"]["bench.py"]["sha256"]
+    where = Path(tempfile.mkdtemp(prefix="edgeconv-bench-"))  # mode 0700: ours alone
+    try:
+        runner = where / "bench.py"
+        with open(runner, "xb") as fh:
+            fh.write(checked.runner)
+        if sha256_file(runner) != want:  # what will run, read back from the disk
+            raise EdgeconvError(f"the copy of {checked.path / 'bench.py'} to run does not match manifest.json",
+                                f"check the disk holding {where.parent}; nothing was run")
+        yield runner
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 def run_runner(target: BenchTarget, out: Path, *, role: str, label: str, threads: int | None, quick: bool,
                eval_data: Path | None, model: Path | None = None, extra: list[str] | None = None) -> dict:
-    """One run of bench.py in a fresh interpreter; returns its results.json."""
+    """One run of bench.py in a fresh interpreter; returns its results.json. A bundle's runner runs only as the
+    bytes verified against its manifest (verified first if `resolve` did not)."""
+    if not target.bundle:
+        return _run(RUNNER, target, out, role=role, label=label, threads=threads, quick=quick,
+                    eval_data=eval_data, model=model, extra=extra)
+    checked = target.verified or verify_bundle(target.path)
+    with verified_runner(checked) as runner:
+        return _run(runner, target, out, role=role, label=label, threads=threads, quick=quick,
+                    eval_data=eval_data, model=model, extra=extra)
+
+
+def _run(runner: Path, target: BenchTarget, out: Path, *, role: str, label: str, threads: int | None, quick: bool,
+         eval_data: Path | None, model: Path | None, extra: list[str] | None) -> dict:
     from edgeconv.demo import EVAL_DATA
 
-    cmd = [sys.executable, str(target.runner), "--out", str(out), "--role", role, "--label", label]
+    cmd = [sys.executable, str(runner), "--out", str(out), "--role", role, "--label", label]
     if target.bundle:
         cmd += ["--bundle", str(target.path)]
         if eval_data:
@@ -85,7 +143,9 @@ def run_runner(target: BenchTarget, out: Path, *, role: str, label: str, threads
     proc = subprocess.run(cmd, text=True, capture_output=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise EdgeconvError(f"bench.py failed on {model or target.path}: {last[0]}", f"run it by hand: {' '.join(cmd)}")
+        by_hand = [str(target.path / "bench.py") if c == str(runner) and target.bundle else c for c in cmd]
+        raise EdgeconvError(f"bench.py failed on {model or target.path}: {last[0]}",
+                            f"run it by hand: {' '.join(by_hand)}")
     return json.loads(out.read_text())
 
 
@@ -105,12 +165,16 @@ def teacher_gguf(teacher: str, quant: str, where: Path, log: Callable[[str], Non
 
 def bench(path: Path, out_dir: Path, *, teacher: str | None = None, with_teacher: bool = False,
           threads: int | None = None, quick: bool = False, eval_data: Path | None = None,
-          log: Callable[[str], None] = print) -> dict:
+          expect_sha256: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Measure the student (and the teacher): writes OUT/results-student.json [, results-teacher.json,
-    comparison.json]; returns {"student": ..., "teacher": ...}."""
-    target = resolve(path)
+    comparison.json]; returns {"student": ..., "teacher": ...}. A bundle is verified first (EXPECT_SHA256: the
+    hash of its manifest.json that `edgeconv build` printed), and refused before any process starts."""
+    target = resolve(path, expect_sha256)
     out_dir = Path(out_dir)
     name = target.path.name if target.bundle else target.path.stem
+    if target.verified:
+        log(f"verified {len(target.verified.manifest['files'])} files against manifest.json "
+            f"(sha256 {target.verified.manifest_sha256}{', as expected' if expect_sha256 else ''})")
     log(f"bench {target.path} ({target.fmt} {target.quant or ''})")
     student = run_runner(target, out_dir / "results-student.json", role="student", label=name, threads=threads,
                          quick=quick, eval_data=eval_data)

@@ -8,20 +8,23 @@ Every stage writes its own directory under OUT.work and is skipped when its inpu
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import resolve_model_path
+from edgeconv.io.guard import check_not_an_input, guard_output
 from edgeconv.io.output_dir import (
     atomic_output_dir,
+    as_record,
+    check_out_early,
+    claim_work,
     finished_output,
     read_manifest,
+    read_work_record,
     sha256_file,
     stage_key,
 )
@@ -93,6 +96,7 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
         raise EdgeconvError(f"{name} does not fit {profile.name}: {est.breakdown()}", hint)
     out = Path(out or Path("dist") / f"{name}-{profile.name}").absolute()
     work = out.parent / f"{out.name}.work"
+    check_not_an_input(out, {"model": path}, work=work)  # the dry run says so too
     plan = BuildPlan(path, name, profile, fmt, cand, est, out, work, distill_tokens)
     plan.stages = [
         ("convert", work / "student", f"calibrate, plan and assemble {groups} expert groups per layer"),
@@ -121,19 +125,40 @@ def build(plan: BuildPlan, *, data: Path | None = None, distill_data: Path | Non
           eval_data: Path | None = None, calibration_tokens: int = 65536, distill_options: dict | None = None,
           threads: int | None = None, force: bool = False, progress: bool = True,
           log: Callable[[str], None] = print) -> BuildResult:
-    from edgeconv.bundle.writer import write_bundle
-    from edgeconv.demo import DISTILL_DATA, EVAL_DATA, is_demo
-    from edgeconv.pipeline import convert
+    from edgeconv.demo import DISTILL_DATA, is_demo
 
     t0 = time.time()
-    n = len(plan.stages)
-    plan.work.mkdir(parents=True, exist_ok=True)
     if plan.distill_tokens and distill_data is None:
         if is_demo(plan.model):
             distill_data = DISTILL_DATA
         elif data is None:
             raise EdgeconvError("distillation needs text: none given",
                                 "pass --distill-data (or --data), or --distill-tokens 0 to skip distillation")
+    inputs = {"model": plan.model, "data": data, "distill data": distill_data, "eval data": eval_data}
+    with guard_output(plan.out, inputs, work=plan.work):
+        record = as_record({
+            "model": plan.model, "target": plan.target.model_dump(exclude={"source"}), "format": plan.fmt,
+            "candidate": asdict(plan.candidate), "distill_tokens": plan.distill_tokens,
+            "data": Path(data).absolute() if data else None,
+            "distill_data": Path(distill_data).absolute() if distill_data else None,
+            "eval_data": Path(eval_data).absolute() if eval_data else None,
+            "calibration_tokens": calibration_tokens, "distill_options": distill_options})
+        # The bundle is this build's own when the work directory records the same build: a rerun may replace
+        # it (a new edgeconv's bench.py changes its key). Any other bundle is refused now, not at stage 5.
+        owned = read_work_record(plan.work, "build") == record
+        check_out_early(plan.out, force, ("bundle",) if owned else ())
+        claim_work(plan.work, "build", record, force)
+        return _build(plan, t0, data, distill_data, eval_data, calibration_tokens, distill_options, threads,
+                      force, owned, progress, log)
+
+
+def _build(plan: BuildPlan, t0: float, data, distill_data, eval_data, calibration_tokens, distill_options,
+           threads, force, owned, progress, log) -> BuildResult:
+    from edgeconv.bundle.writer import write_bundle
+    from edgeconv.demo import EVAL_DATA
+    from edgeconv.pipeline import convert
+
+    n = len(plan.stages)
     student = plan.work / "student"
     log(f"[1-2/{n}] convert{' + distill' if plan.distill_tokens else ''} -> {student}")
     convert(plan.model, student, data=data, tokens=calibration_tokens, groups=plan.candidate.groups,
@@ -147,7 +172,7 @@ def build(plan: BuildPlan, *, data: Path | None = None, distill_data: Path | Non
     manifest, skipped = write_bundle(plan.out, name=f"{plan.name}-dense", artifact=artifact, fmt=plan.fmt,
                                      quant=plan.candidate.quant, artifact_key=export_key, target=plan.target,
                                      estimate=plan.estimate, eval_data=eval_data, teacher=str(plan.model),
-                                     student=student, force=force)
+                                     student=student, force=force, replace=owned)
     if skipped:
         log("      up to date")
     results = None
@@ -175,7 +200,8 @@ def export_stage(plan: BuildPlan, student: Path, student_id: str, force: bool, l
                 from edgeconv.stages.export_onnx import export_onnx_genai
 
                 export_onnx_genai(student, tmp / "model", quant)
-            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size} for p in tmp.rglob("*") if p.is_file()}
+            files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                     for p in tmp.rglob("*") if p.is_file()}
             from edgeconv.io.output_dir import write_manifest
 
             write_manifest(tmp, "build-export", key, {"student": str(student)}, {"format": plan.fmt, "quant": quant},
@@ -208,17 +234,16 @@ def bench_stage(plan: BuildPlan, manifest: dict, threads: int | None, log) -> di
     if out.is_file() and done.is_file() and done.read_text() == manifest["key"]:
         log("      up to date")
         return json.loads(out.read_text())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(plan.out / "bench.py"), "--bundle", str(plan.out), "--quick", "--out", str(out),
-           "--role", "student", "--target", plan.target.name, "--label", f"{plan.name}-dense ({plan.target.name})"]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        log(f"      bench.py failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    from edgeconv.benchmark import resolve, run_runner
+
+    try:  # verified in this process first, like `edgeconv bench`: the bundle's bench.py runs only as hashed
+        results = run_runner(resolve(plan.out), out, role="student", label=f"{plan.name}-dense ({plan.target.name})",
+                             threads=threads, quick=True, eval_data=None, extra=["--target", plan.target.name])
+    except EdgeconvError as exc:
+        log(f"      bench.py failed: {exc.line()}")
         return None
     done.write_text(manifest["key"])
-    return json.loads(out.read_text())
+    return results
 
 
 def headline(result: BuildResult) -> str:
@@ -242,6 +267,10 @@ def headline(result: BuildResult) -> str:
             f"  accuracy   perplexity {ppl}; exact match {acc.get('exact_match_mean', 0):.1%}, "
             f"multiple choice {acc.get('choice_acc', 0):.1%} (bench.py --quick)",
         ]
+    manifest_hash = sha256_file(result.bundle / "manifest.json")
     lines += [f"  on device  {plan.target.bench.command}   (in the bundle; setup: {plan.target.bench.setup})",
+              f"  manifest   sha256 {manifest_hash}",
+              f"  back here  edgeconv bench {result.bundle} --expect-sha256 {manifest_hash}   (refuses a bundle "
+              "whose manifest was rewritten)",
               f"  took       {result.seconds:.0f} s"]
     return "\n".join(lines)

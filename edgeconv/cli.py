@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -35,10 +37,44 @@ def human_bytes(n: int) -> str:
     return f"{n:,.2f} TB"
 
 
+def no_wait_option(fn):
+    """`--no-wait`: when another edgeconv run is writing the same --out, stop at once instead of waiting."""
+
+    @click.option("--no-wait", is_flag=True,
+                  help="If another edgeconv run is writing --out, stop with an error instead of waiting for it.")
+    @functools.wraps(fn)
+    def wrapper(*args, no_wait: bool, **kwargs):
+        from edgeconv.io.guard import WAIT_FOR_LOCK
+
+        token = WAIT_FOR_LOCK.set(not no_wait)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            WAIT_FOR_LOCK.reset(token)
+
+    return wrapper
+
+
+class _ConsoleLog(logging.Handler):
+    """The library's notices (logging.getLogger("edgeconv...")), printed as plain lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(self.format(record), markup=False, highlight=False)
+
+
+def _log_to_console() -> None:
+    logger = logging.getLogger("edgeconv")
+    if not any(isinstance(h, _ConsoleLog) for h in logger.handlers):
+        logger.addHandler(_ConsoleLog())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, here, whatever the root logger does
+
+
 class EdgeconvGroup(click.Group):
     """Turns EdgeconvError into one line on stderr and exit status 2, wherever it is raised."""
 
     def invoke(self, ctx):
+        _log_to_console()
         try:
             return super().invoke(ctx)
         except EdgeconvError as exc:
@@ -167,6 +203,7 @@ def _int_option(name: str, value: str | None) -> int | None:
 
 
 @main.command()
+@no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--data", type=click.Path(exists=False, path_type=Path), default=None,
               help="Calibration text: a .txt file, a JSONL file with a 'text' field, or a directory of them "
@@ -201,6 +238,7 @@ def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, max_
 
 
 @main.command()
+@no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path), help="Plan JSON from `edgeconv plan`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -272,6 +310,7 @@ def methods():
 
 
 @main.command()
+@no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Dense checkpoint directory. Statistics and plan go to OUT.work/ beside it.")
@@ -316,6 +355,7 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
 
 
 @main.command()
+@no_wait_option
 @click.argument("dense")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The upcycled checkpoint (Glm4MoeForCausalLM) with upcycle_plan.json.")
@@ -367,6 +407,7 @@ def upcycle(dense, out_dir, runs, threshold, top_k, split, data, tokens, seed, f
 
 
 @main.command()
+@no_wait_option
 @click.argument("dense")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The pruned checkpoint (same architecture, smaller FFN and head counts).")
@@ -420,6 +461,7 @@ def parse_count(text: str) -> float:
 
 
 @main.command()
+@no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Study directory: calibration, plans, prescreen.jsonl, final/, final.jsonl, sweep.md, plots.")
@@ -489,6 +531,7 @@ def sweep(model, out_dir, data, tokens, scoring, grouping, scaling, ks, groups, 
 
 
 @main.command()
+@no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "onnx-genai"]), default="gguf", show_default=True,
               help="gguf: llama.cpp / Ollama file. onnx: optimum-onnx directory for onnxruntime (teachers and "
@@ -562,6 +605,7 @@ def _export_onnx(model, fmt, precision, provider, out_path, force):
 
 
 @main.command()
+@no_wait_option
 @click.option("--teacher", default=DEFAULT_MODEL, show_default=True, help="The teacher: any causal LM, usually the MoE.")
 @click.option("--student", required=True, help="The dense student (from `edgeconv convert`), sharing the teacher's tokenizer.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -736,6 +780,7 @@ def targets(as_json):
 
 
 @main.command()
+@no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--target", "-t", required=True, help="Device profile (see `edgeconv targets`), alias, or a .toml file.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -801,8 +846,15 @@ def build(model, target, out_dir, fmt, quant, groups, context, data, calibration
               help="Evaluation data [default: the bundle's eval/, else the shipped held-out set].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Where results-*.json (and comparison.json) go.")
-def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir):
+@click.option("--expect-sha256", default=None, metavar="HASH",
+              help="The sha256 of the bundle's manifest.json that `edgeconv build` printed: refuse a bundle whose "
+                   "manifest was rewritten (e.g. one back from a device).")
+def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir, expect_sha256):
     """Run a bundle's bench.py here (or the same runner on a .gguf / onnx-genai artifact).
+
+    A bundle is checked first, here, before anything of it runs: every file's size and sha256 against
+    manifest.json, bench.py included. That catches damage and partial edits, not someone who rewrote
+    manifest.json too: for that, pass --expect-sha256 with the hash `edgeconv build` printed.
 
     It measures load time, peak RSS, time to first token, prefill and decode tokens/s at several prompt
     lengths, and accuracy on the evaluation data, in a separate process. With --teacher the MoE teacher
@@ -811,12 +863,14 @@ def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir
     \b
     Examples:
       edgeconv bench dist/demo-moe-laptop --teacher
+      edgeconv bench dist/demo-moe-laptop --expect-sha256 HASH
       edgeconv bench model-Q4_K_M.gguf --threads 4
     """
     from edgeconv.benchmark import bench, comparison_rows
 
     results = bench(path, out_dir, teacher=teacher_model, with_teacher=with_teacher or bool(teacher_model),
-                    threads=threads, quick=quick, eval_data=eval_data, log=console.print)
+                    threads=threads, quick=quick, eval_data=eval_data, expect_sha256=expect_sha256,
+                    log=console.print)
     rows = [("", "student", "teacher" if "teacher" in results else "", "ratio" if "teacher" in results else "")]
     rows += comparison_rows(results)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -7,7 +7,11 @@ from pathlib import Path
 from typing import Callable
 
 from edgeconv.families import family_for
+from edgeconv.calibration.data import check_data, check_seq_len
+from edgeconv.errors import EdgeconvError
 from edgeconv.io.checkpoint import Checkpoint
+from edgeconv.io.guard import guarded, work_dir
+from edgeconv.io.output_dir import check_out_early, claim_work, drop_claim_if_idle
 from edgeconv.stages.assemble import AssembleResult, assemble
 from edgeconv.stages.calibrate import calibrate
 from edgeconv.stats_planner import check_plan_args, stats_plan
@@ -25,11 +29,7 @@ class ConvertResult:
         return self.assembled.manifest
 
 
-def work_dir(out: Path) -> Path:
-    out = Path(out).absolute()
-    return out.parent / f"{out.name}.work"
-
-
+@guarded("out", "model", "data", "distill_data", work=True)
 def convert(
     model: str | Path,
     out: str | Path,
@@ -66,30 +66,52 @@ def convert(
         data = CALIBRATION_DATA
         log(f"calibrating on the shipped demo text ({data.name}: Shakespeare, Python docs, skills); "
             "pass --data with text like your use case")
+    # Everything the last stage's write would refuse is refused now, before an hour of calibration.
+    check_out_early(Path(out), force, ("distill",) if distill_config else ("assemble",))
+    check_seq_len(ckpt.config, seq_len)
+    check_data(data)
+    if distill_config and distill_data is not None:
+        if not Path(distill_data).exists():
+            raise EdgeconvError(f"--distill-data {distill_data} does not exist",
+                                "pass a text file, a JSONL file with a 'text' field, or a directory of them")
+        check_data(distill_data)
+    limit = ckpt.config.get("max_position_embeddings")
+    if distill_config and limit and distill_config.seq_len > int(limit):
+        raise EdgeconvError(f"distillation sequences of {distill_config.seq_len} tokens are longer than the model's "
+                            f"context ({limit} positions)",
+                            f"run convert without --distill-tokens, then `edgeconv distill --seq-len {limit}`")
     work = work_dir(Path(out))
-    work.mkdir(parents=True, exist_ok=True)
-    n = 4 if distill_config else 3
-    log(f"[1/{n}] calibrate -> {work / 'calibrate'}")
-    cal = calibrate(ckpt.path, data, work / "calibrate", tokens=tokens, seq_len=seq_len, force=force,
-                    progress=progress)
-    if cal.skipped:
-        log("      up to date")
-    log(f"[2/{n}] plan -> {work / 'plan.json'}")
-    plan = stats_plan(cal.stats(), experts=experts, groups=groups, scoring=scoring, grouping=grouping,
-                      scaling=scaling, seed=seed, model=ckpt.path, stats_path=str(cal.out))
-    plan.save(work / "plan.json")
-    dense = work / "assembled" if distill_config else Path(out)
-    log(f"[3/{n}] assemble -> {dense}")
-    result = assemble(ckpt.path, plan, dense, force=force, progress=progress)
-    if result.skipped:
-        log("      up to date")
-    if not distill_config:
-        return ConvertResult(Path(out), result)
-    from edgeconv.distill.stage import distill
+    claim_work(work, "convert", {
+        "model": ckpt.path, "data": Path(data).absolute(), "tokens": tokens, "seq_len": seq_len, "experts": experts,
+        "groups": groups, "scoring": scoring, "grouping": grouping, "scaling": scaling, "seed": seed,
+        "distill_tokens": distill_tokens, "distill_data": Path(distill_data).absolute() if distill_data else None,
+        "distill_options": distill_options if distill_tokens else None}, force)
+    try:
+        n = 4 if distill_config else 3
+        log(f"[1/{n}] calibrate -> {work / 'calibrate'}")
+        cal = calibrate(ckpt.path, data, work / "calibrate", tokens=tokens, seq_len=seq_len, force=force,
+                        progress=progress)
+        if cal.skipped:
+            log("      up to date")
+        log(f"[2/{n}] plan -> {work / 'plan.json'}")
+        plan = stats_plan(cal.stats(), experts=experts, groups=groups, scoring=scoring, grouping=grouping,
+                          scaling=scaling, seed=seed, model=ckpt.path, stats_path=str(cal.out))
+        plan.save(work / "plan.json")
+        dense = work / "assembled" if distill_config else Path(out)
+        log(f"[3/{n}] assemble -> {dense}")
+        result = assemble(ckpt.path, plan, dense, force=force, progress=progress)
+        if result.skipped:
+            log("      up to date")
+        if not distill_config:
+            return ConvertResult(Path(out), result)
+        from edgeconv.distill.stage import distill
 
-    log(f"[4/4] distill {distill_tokens:,} tokens -> {out}")
-    distilled = distill(ckpt.path, dense, distill_data or data, out, distill_config, force=force, progress=progress,
-                        log=log)
-    if distilled.skipped:
-        log("      up to date")
-    return ConvertResult(Path(out), result, distilled)
+        log(f"[4/4] distill {distill_tokens:,} tokens -> {out}")
+        distilled = distill(ckpt.path, dense, distill_data or data, out, distill_config, force=force, progress=progress,
+                            log=log)
+        if distilled.skipped:
+            log("      up to date")
+        return ConvertResult(Path(out), result, distilled)
+    except BaseException:
+        drop_claim_if_idle(work, "convert")  # a run that failed before its first stage leaves nothing
+        raise

@@ -20,7 +20,16 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgeconv.errors import EdgeconvError
 
@@ -32,28 +41,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Numbers are strict: pydantic's lax mode reads JSON `true` as the expert id 1 (and as the scale 1.0), so a
+# hand-edited plan holding a boolean would silently pick an expert. Strict ints refuse booleans, floats and
+# strings; strict floats refuse booleans and strings but take integers (a scale of 1).
+
+
+def _check_scale(value: float | None, what: str) -> None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value}")
+
+
 class Group(_Strict):
-    experts: list[int] = Field(min_length=1)
-    weights: list[float]
-    scale: float
+    experts: list[StrictInt] = Field(min_length=1)
+    weights: list[StrictFloat]
+    scale: StrictFloat
 
     @model_validator(mode="after")
     def _check(self) -> "Group":
         if len(self.weights) != len(self.experts):
             raise ValueError(f"group {self.experts} has {len(self.weights)} weights for {len(self.experts)} experts")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"group {self.experts}: merge weights must be finite, got {self.weights}")
         if any(w < 0 for w in self.weights) or not math.isclose(sum(self.weights), 1.0, rel_tol=1e-6, abs_tol=1e-6):
             raise ValueError(f"group {self.experts}: merge weights must be >= 0 and sum to 1, got {self.weights}")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"group {self.experts}: scale must be finite, got {self.scale}")
+        _check_scale(self.scale, f"group {self.experts}: scale")
         return self
 
 
 class LayerPlan(_Strict):
-    layer: int = Field(ge=0)
+    layer: StrictInt = Field(ge=0)
     groups: list[Group] = Field(min_length=1)
-    shared_scale: float | None = None
-    width: int = Field(gt=0, description="dense FFN width of this layer, shared expert included")
+    shared_scale: StrictFloat | None = None
+    width: StrictInt = Field(gt=0, description="dense FFN width of this layer, shared expert included")
     scores: dict[str, list[float]] | None = Field(default=None, description="per-expert scores, if a scorer ran")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LayerPlan":
+        _check_scale(self.shared_scale, f"layer {self.layer}: shared_scale")
+        return self
 
     @property
     def experts(self) -> list[int]:
@@ -62,12 +87,12 @@ class LayerPlan(_Strict):
 
 class ModelRef(_Strict):
     architecture: str
-    num_layers: int
-    num_experts: int
-    top_k: int
-    expert_width: int
-    shared_width: int = 0
-    moe_layers: list[int]
+    num_layers: StrictInt
+    num_experts: StrictInt
+    top_k: StrictInt
+    expert_width: StrictInt
+    shared_width: StrictInt = 0
+    moe_layers: list[StrictInt]
     fingerprint: str | None = None
     path: str | None = None
 
@@ -116,9 +141,18 @@ class Plan(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise EdgeconvError(f"plan {path} is invalid at {where}: {first['msg']}", "fix the plan or make it again")
+            raise EdgeconvError(f"plan {path} is invalid {validation_problem(exc)}", "fix the plan or make it again")
+
+
+def validation_problem(exc: ValidationError) -> str:
+    """Where and what the first pydantic error is, on one line: "at layers.0.groups.1.experts.0: ..."."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = f" (got {json.dumps(value)})" if first["type"] != "value_error" and (
+        value is None or isinstance(value, (bool, int, float))) else ""
+    return f"at {where}: {msg}{shown}" if where else f"({msg}{shown})"
 
 
 def check_plan_fits(plan: Plan, family, where: str = "the model", fingerprint: str | None = None) -> None:

@@ -12,6 +12,7 @@ every group.
 
 from __future__ import annotations
 
+import math
 import random
 
 from edgeconv.errors import EdgeconvError
@@ -64,9 +65,13 @@ def group_scale(scaling: str, groups: int) -> float:
     if scaling == "uniform":
         return 1.0 / groups
     try:
-        return float(scaling)
+        scale = float(scaling)  # float() also reads "nan", "inf" and "-1e999"
     except ValueError:
         raise EdgeconvError(f"--scaling {scaling!r} is not understood", "use uniform or a number")
+    if not (math.isfinite(scale) and scale >= 0):
+        raise EdgeconvError(f"--scaling {scaling} must be a finite number >= 0",
+                            "pass the factor each group's output is multiplied by, e.g. 0.5, or uniform")
+    return scale
 
 
 def model_ref(family: MoEFamily, fingerprint: str | None = None, path: str | None = None) -> ModelRef:

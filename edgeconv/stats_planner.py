@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from edgeconv.calibration.stats import CalibrationStats
 from edgeconv.errors import EdgeconvError
 from edgeconv.methods import GROUPINGS, SCALINGS, SCORERS
 from edgeconv.methods.grouping import merge_weights
-from edgeconv.plan import Group, LayerPlan, ModelRef, Plan
+from edgeconv.plan import Group, LayerPlan, ModelRef, Plan, validation_problem
 
 # Weight-cluster compares experts on this many coordinates of their flattened weights (a fixed random
 # subset): distances between long vectors are well estimated from a random sample of their coordinates,
@@ -72,8 +73,18 @@ def stats_plan(
     model: str | Path | None = None,
     stats_path: str | None = None,
 ) -> Plan:
-    ref = ModelRef(**stats.model)
+    where = f"calibration statistics {stats_path}" if stats_path else "the calibration statistics"
+    try:
+        ref = ModelRef(**stats.model)
+    except (ValidationError, TypeError) as exc:
+        problem = validation_problem(exc) if isinstance(exc, ValidationError) else f"({exc})"
+        raise EdgeconvError(f"{where} describe the model wrongly {problem}", "calibrate again")
     k, g = check_plan_args(ref, experts, groups, scoring, grouping, scaling)
+    missing = [layer for layer in ref.moe_layers if layer not in stats.layers]
+    if missing:
+        raise EdgeconvError(f"{where} lack MoE layer {missing[0]}", "calibrate again")
+    # NaN/Inf statistics (a damaged model, overflowing activations) would make NaN scores, groups and scales.
+    stats.check_finite(where, "calibrate again; if it recurs, the model's weights or activations are not finite")
     family = ckpt = None
     if grouping == "weight-cluster":  # the only method that needs the expert weights themselves
         from edgeconv.families import family_for
@@ -93,15 +104,20 @@ def stats_plan(
         features = _weight_features(family, ckpt, layer, ranking.selected, seed) if family else None
         parts = group_fn(st, ranking.selected, g, gen, features)
         scales = scale_fn(st, parts)
-        layers.append(
-            LayerPlan(
-                layer=layer,
-                groups=[Group(experts=p, weights=merge_weights(st, p), scale=s) for p, s in zip(parts, scales)],
-                shared_scale=st.shared_gate_mean,
-                width=g * ref.expert_width + ref.shared_width,
-                scores={**ranking.scores, "selected_order": [float(e) for e in ranking.selected]},
+        try:
+            layers.append(
+                LayerPlan(
+                    layer=layer,
+                    groups=[Group(experts=[int(e) for e in p], weights=merge_weights(st, p), scale=float(s))
+                            for p, s in zip(parts, scales)],
+                    shared_scale=st.shared_gate_mean,
+                    width=g * ref.expert_width + ref.shared_width,
+                    scores={**ranking.scores, "selected_order": [float(e) for e in ranking.selected]},
+                )
             )
-        )
+        except ValidationError as exc:  # not expected once the statistics are finite; one line all the same
+            raise EdgeconvError(f"the plan for layer {layer} from {where} is invalid {validation_problem(exc)}",
+                                "check the statistics (`edgeconv inspect STATS`) and calibrate again")
     method = {
         "planner": "stats",
         "scoring": scoring,

@@ -156,16 +156,14 @@ def test_missing_shard_from_index(qwen3_dir, plan_file, tmp_path):
     assemble_fails(d, plan_file, tmp_path / "out", "model-00002-of-00002.safetensors", "missing")
 
 
-def test_existing_foreign_output_is_refused_unless_forced(qwen3_dir, plan_file, tmp_path):
+def test_existing_foreign_output_is_refused_even_when_forced(qwen3_dir, plan_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    result = run("assemble", qwen3_dir, "--plan", plan_file, "--out", out, "--no-progress")
-    assert_error(result, "not an edgeconv output", "--force")
-    assert (out / "precious.txt").read_text() == "keep me"
-    result = run("assemble", qwen3_dir, "--plan", plan_file, "--out", out, "--no-progress", "--force")
-    assert result.exit_code == 0, result.output
-    assert not (out / "precious.txt").exists() and (out / "manifest.json").is_file()
+    for force in ((), ("--force",)):  # --force replaces only edgeconv outputs and empty directories
+        result = run("assemble", qwen3_dir, "--plan", plan_file, "--out", out, "--no-progress", *force)
+        assert_error(result, "edgeconv did not write", "choose another --out")
+        assert (out / "precious.txt").read_text() == "keep me"
 
 
 def test_disk_full_during_write(qwen3_dir, plan_file, tmp_path, monkeypatch):

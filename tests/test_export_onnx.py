@@ -255,7 +255,7 @@ def test_bad_export_inputs(models, tmp_path):
     assert_error(run(src, "--format", "onnx", "--out", blocker / "c"), "cannot write")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "mine.txt").write_text("keep")
-    assert_error(run(src, "--format", "onnx", "--out", tmp_path / "d"), "not an edgeconv output", "--force")
+    assert_error(run(src, "--format", "onnx", "--out", tmp_path / "d"), "edgeconv did not write", "choose another --out")
     assert_error(run(src, "--format", "onnx", "--execution-provider", "cuda", "--out", tmp_path / "e"),
                  "--execution-provider is for --format onnx-genai")
     assert_error(run(src, "--format", "gguf", "--precision", "fp16", "--out", tmp_path / "f.gguf"), "--quant")

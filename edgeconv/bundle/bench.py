@@ -8,7 +8,9 @@ Runs with Python 3.8+ and only the model's runtime installed: llama-cpp-python f
 onnxruntime-genai for a model directory holding genai_config.json (numpy comes with either). It never
 imports torch or edgeconv. In order:
 
-  1. verify: every file listed in manifest.json must have its size and sha256, else exit 2 before loading;
+  1. verify: every file listed in manifest.json must be inside the bundle and have its size and sha256, and the
+     manifest's model must be among those files, else exit 2 before loading. results.json says "verified": true
+     only when every file the run read was one of them (false with a note when --model or --data point elsewhere);
   2. load the model (seconds, RSS before and after);
   3. speed at each prompt length: time to first token, prefill tokens/s, and decode tokens/s timed over
      the forward passes only (sampling excluded, as llama.cpp's llama-bench "tg" test does);
@@ -22,6 +24,14 @@ Also importable: verify_bundle(bundle) -> list of problems, run(args) -> the res
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and sys.path and not getattr(sys.flags, "safe_path", False):
+    # `python bench.py` puts the bundle's directory first on sys.path, so a file dropped next to bench.py
+    # (json.py, hashlib.py) would be imported instead of the standard library's, before anything is verified.
+    # Python 3.11's -P leaves it out; earlier ones need this, before the imports below.
+    del sys.path[0]
+
 import argparse
 import datetime
 import hashlib
@@ -31,9 +41,8 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 
 SCHEMA = "edgeconv-bench/1"
 MANIFEST = "manifest.json"
@@ -85,8 +94,39 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def unsafe_path(rel: str) -> bool:
+    """An absolute path, one with `..`, or one that names nothing (".")."""
+    parts = PurePath(rel).parts
+    return PurePath(rel).is_absolute() or ".." in parts or not parts or rel.startswith(("/", "\\"))
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """Whether ROOT/REL, symbolic links followed, stays inside ROOT (ROOT already resolved)."""
+    try:
+        (root / rel).resolve().relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+def model_problems(manifest: dict) -> list:
+    """The manifest's `model` must be a relative path inside the bundle naming hashed files (one file, or the
+    directory of an onnxruntime-genai model); no `model` at all leaves bench.py to find the one model there."""
+    model = manifest.get("model")
+    if model is None or model == "":
+        return []
+    if not isinstance(model, str) or unsafe_path(model):
+        return ["model {} in manifest.json is not a path inside the bundle".format(model)]
+    want = PurePath(model).parts
+    if not any(PurePath(rel).parts[:len(want)] == want for rel in manifest.get("files") or {}):
+        return ["model {} in manifest.json is not among its hashed files".format(model)]
+    return []
+
+
 def verify_bundle(bundle) -> list:
-    """Problems found checking every file of manifest.json's `files` (size first, then sha256); [] if none."""
+    """Problems found checking every file of manifest.json's `files` (inside the bundle, size first, then sha256),
+    that bench.py is one of them and that the manifest's model is; [] if none. edgeconv runs the same checks
+    (edgeconv/bundle/verify.py) before it starts bench.py; keep the two in step."""
     bundle = Path(bundle)
     try:
         manifest = load_manifest(bundle)
@@ -97,13 +137,16 @@ def verify_bundle(bundle) -> list:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         return ["manifest.json lists no files"]
+    root = bundle.resolve()
     problems = []
     for rel, want in sorted(files.items()):
-        parts = Path(rel).parts
-        if Path(rel).is_absolute() or ".." in parts:  # a manifest must not point outside its bundle
+        if unsafe_path(rel):  # a manifest must not point outside its bundle
             problems.append(f"{rel} in manifest.json is not a path inside the bundle")
             continue
-        path = bundle / rel
+        if not _inside(root, rel):
+            problems.append(f"{rel} leads outside the bundle (a symbolic link)")
+            continue
+        path = root / rel
         if not path.is_file():
             problems.append(f"{rel} is missing")
             continue
@@ -114,7 +157,25 @@ def verify_bundle(bundle) -> list:
             continue
         if not isinstance(want, dict) or sha256_file(path) != want.get("sha256"):
             problems.append(f"{rel} does not match manifest.json (sha256 differs: the file was modified or damaged)")
-    return problems
+    if "bench.py" not in files:
+        problems.append("bench.py is not listed in manifest.json")
+    return problems + model_problems(manifest)
+
+
+def hashed_files(bundle: Path, manifest: dict) -> set:
+    """The resolved paths of the files manifest.json lists (after verify_bundle: the files that matched)."""
+    root = Path(bundle).resolve()
+    return {(root / rel).resolve() for rel in manifest.get("files") or {}}
+
+
+def files_read(model: Path, data_dir, data) -> list:
+    """Every file this run reads besides manifest.json: the model (all of an onnxruntime-genai directory) and the
+    three evaluation files when they were loaded."""
+    model = Path(model)
+    paths = sorted(p for p in model.rglob("*") if p.is_file()) if model.is_dir() else [model]
+    if data is not None:
+        paths += [Path(data_dir) / f for f in ("text.jsonl", "skills.jsonl", "choice.jsonl")]
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -835,6 +896,10 @@ def _model_path(bundle: Path, manifest, model) -> Path:
     if model is not None:
         return Path(model)
     if manifest and manifest.get("model"):
+        # checked even under --no-verify: the manifest names a model inside its bundle, nothing else
+        if not isinstance(manifest["model"], str) or unsafe_path(manifest["model"]) or \
+                not _inside(bundle.resolve(), manifest["model"]):
+            raise RefusedError("model {} in manifest.json is not a path inside the bundle".format(manifest["model"]))
         return bundle / manifest["model"]
     ggufs = sorted(bundle.glob("*.gguf"))
     genai = sorted(p.parent for p in bundle.glob("*/genai_config.json"))
@@ -881,7 +946,10 @@ def run(args=None) -> dict:
     notes = []
 
     # 1. Verify first: a bundle that does not match its manifest is refused before anything is loaded.
+    # What remains: someone who can write the bundle while this runs could swap a file between this check and
+    # its use; and someone who can rewrite manifest.json too defeats it (edgeconv bench --expect-sha256 is for that).
     verified = None
+    hashed = set()
     if args.no_verify:
         notes.append("--no-verify: the bundle's files were not checked")
     elif manifest is None and args.model is not None:
@@ -897,6 +965,7 @@ def run(args=None) -> dict:
                 more = " (and {} more problem{})".format(len(problems) - 1, "s" * (len(problems) > 2))
             raise RefusedError(f"{problems[0]}{more}; re-copy the bundle")
         verified = True
+        hashed = hashed_files(bundle, manifest)
     manifest = manifest or {}
 
     model = _model_path(bundle, manifest, args.model)
@@ -921,6 +990,14 @@ def run(args=None) -> dict:
     data = load_eval_data(data_dir)
     if data is None:
         notes.append(f"no evaluation data in {data_dir}: accuracy not measured, speed prompts from a built-in text")
+    if verified:
+        # "verified": true claims every file this run reads matched the manifest, not only that the bundle did
+        unhashed = [p for p in files_read(model, data_dir, data) if p.resolve() not in hashed]
+        if unhashed:
+            verified = False
+            notes.append("not verified: {} file{} read here {} not among manifest.json's hashed files ({}{})".format(
+                len(unhashed), "s" * (len(unhashed) > 1), "are" if len(unhashed) > 1 else "is",
+                ", ".join(str(p) for p in unhashed[:3]), ", ..." if len(unhashed) > 3 else ""))
 
     # 2. Load, timed, with the RSS before and after.
     rss_before = rss_mb()

@@ -38,14 +38,15 @@ def bundle_key(artifact_key: str, target: TargetProfile, eval_data: Path) -> str
 
 def write_bundle(out: Path, *, name: str, artifact: Path, fmt: str, quant: str, artifact_key: str,
                  target: TargetProfile, estimate: Estimate, eval_data: Path, teacher: str, student: Path,
-                 force: bool = False) -> tuple[dict, bool]:
-    """Write the bundle atomically; returns (manifest, skipped). Skipped when OUT already holds this bundle."""
+                 force: bool = False, replace: bool = False) -> tuple[dict, bool]:
+    """Write the bundle atomically; returns (manifest, skipped). Skipped when OUT already holds this bundle
+    (unless `force`); another bundle in OUT is replaced only with `force` or `replace` (the same build's)."""
     key = bundle_key(artifact_key, target, eval_data)
     done = finished_output(out, "bundle", key)
     if done and not force:
         return done, True
     artifact = Path(artifact)
-    with atomic_output_dir(out, force=force, key=key) as tmp:
+    with atomic_output_dir(out, force=force or replace, key=key) as tmp:
         if fmt == "gguf":
             model_rel = artifact.name
             shutil.copy2(artifact, tmp / model_rel)

@@ -6,18 +6,29 @@ masks, rotary position embeddings, cache positions), and the embeddings. Then, f
 load its weights from the files, push the hidden states of all batches through it, and free it. Peak
 memory is one layer plus the activations; the activations live in a file-backed tensor when they would
 not fit in the allowed memory.
+
+That file (`edgeconv-acts-PID-XXXX/activations.bin` beside the output) is allocated in full before it is
+mapped, so a disk too small fails at once in one line instead of a SIGBUS halfway; it is removed on every way
+out (return, exception, Ctrl-C, SIGTERM), and one left by a killed run (its PID is dead) is removed by the next.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from edgeconv.errors import EdgeconvError
 from edgeconv.families.base import MoEFamily
 from edgeconv.io.checkpoint import Checkpoint
 
@@ -46,18 +57,131 @@ class _Recorder(torch.nn.Module):
         return (hidden_states,) if self.as_tuple else hidden_states
 
 
+SPILL_PREFIX = "edgeconv-acts-"
+SPILL_FILE = "activations.bin"
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_spills(directory: Path) -> None:
+    """Remove spill directories `edgeconv-acts-PID-*` in `directory` whose process is gone."""
+    try:
+        candidates = list(Path(directory).glob(f"{SPILL_PREFIX}*-*"))
+    except OSError:
+        return
+    for stale in candidates:
+        pid = stale.name[len(SPILL_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue  # not ours to judge, or a live run's
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+@contextmanager
+def terminate_unwinds() -> Iterator[None]:
+    """During the block, SIGTERM exits through SystemExit (status 128 + 15) instead of killing the process at
+    once, so every `finally` and `with` runs first. Only in the main thread, and only where SIGTERM had its
+    default action (a handler someone installed, or an ignored SIGTERM, is left alone); restored afterwards."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one unwind: a second SIGTERM must not cut the cleanup
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class ActivationStore:
-    """Hidden states of all calibration sequences [n, seq, hidden]: in memory, or in a file-backed tensor."""
+    """Hidden states of all calibration sequences [n, seq, hidden]: in memory, or in a file-backed tensor.
+
+    The file is allocated in full up front (a disk without room refuses now, in one line) and removed by
+    `close()`; use the store as a context manager.
+    """
 
     def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, max_bytes: int, spill_dir: Path | None = None):
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         self.spilled = nbytes > max_bytes
-        if self.spilled:
-            self._dir = tempfile.TemporaryDirectory(prefix="edgeconv-acts-", dir=spill_dir)
-            path = Path(self._dir.name) / "activations.bin"
-            self.data = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
-        else:
+        self.dir: Path | None = None
+        if not self.spilled:
             self.data = torch.empty(shape, dtype=dtype)
+            return
+        parent = Path(spill_dir if spill_dir is not None else tempfile.gettempdir()).absolute()
+        parent.mkdir(parents=True, exist_ok=True)  # --out's parent may not exist yet
+        remove_stale_spills(parent)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=parent))
+        path = self.dir / SPILL_FILE
+        try:
+            _allocate(path, nbytes, parent, max_bytes)
+            self.data = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Remove the spill file (the mapping, if still referenced, stays valid until it is dropped)."""
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def __enter__(self) -> "ActivationStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _allocate(path: Path, nbytes: int, parent: Path, max_bytes: int) -> None:
+    """Create `path` with all its `nbytes` of disk reserved (a mapped file's missing block is a SIGBUS)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate here: compare with the free space
+                free = shutil.disk_usage(parent).free
+                if free < nbytes:
+                    raise _no_room(parent, nbytes, free, max_bytes) from exc
+                os.ftruncate(fd, nbytes)
+            elif exc.errno in DISK_FULL_ERRNOS:
+                os.ftruncate(fd, 0)  # give the partial allocation back before measuring
+                raise _no_room(parent, nbytes, shutil.disk_usage(parent).free, max_bytes) from exc
+            else:
+                raise
+    finally:
+        os.close(fd)
+
+
+def _no_room(parent: Path, nbytes: int, free: int, max_bytes: int) -> EdgeconvError:
+    return EdgeconvError(
+        f"not enough disk space in {parent} for the calibration activations, which exceed "
+        f"--max-activation-memory ({_human(max_bytes)}) and go to disk: they need {nbytes:,} bytes "
+        f"({_human(nbytes)}), {free:,} bytes ({_human(free)}) are free",
+        f"raise --max-activation-memory above {_human(nbytes)} to keep them in memory, lower --tokens, "
+        "or free space there (it is the --out directory's parent)",
+    )
 
 
 def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype):
@@ -105,11 +229,18 @@ def run_layer_by_layer(
     called after each batch, for progress.
     """
     model = build_skeleton(ckpt, dtype)
+    batches = [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
+    with terminate_unwinds(), ActivationStore((*input_ids.shape, family.hidden_size), dtype, max_activation_bytes,
+                                              spill_dir) as acts:
+        return _run(model, family, ckpt, batches, acts, make_block, dtype, on_batch)
+
+
+def _run(model, family: MoEFamily, ckpt: Checkpoint, batches: list[torch.Tensor], acts: ActivationStore,
+         make_block: Callable[[int], Callable], dtype: torch.dtype,
+         on_batch: Callable[[int, int], None] | None) -> torch.Tensor:
     layers = model.model.layers
     originals = list(layers)
     last = len(originals) - 1
-    batches = [input_ids[i : i + batch_size] for i in range(0, input_ids.shape[0], batch_size)]
-    acts = ActivationStore((*input_ids.shape, family.hidden_size), dtype, max_activation_bytes, spill_dir)
     layer_kwargs: list[dict] = []
     with torch.no_grad():
         store: dict = {}

@@ -115,6 +115,16 @@ class LayerStats:
         var = self.logit_sq_sum / max(self.tokens, 1) - self.logit_mean**2
         return var.clamp(min=0).sqrt()
 
+    def nonfinite(self) -> str | None:
+        """The name of the first statistic holding NaN or Inf (None when all are finite)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f.name
+            if isinstance(value, float) and not math.isfinite(value):
+                return f.name
+        return None
+
     def summary(self) -> dict:
         freq = self.frequency
         entropy = float(-(freq[freq > 0] * freq[freq > 0].log()).sum())
@@ -138,6 +148,14 @@ class CalibrationStats:
     model: dict  # architecture, num_layers, num_experts, top_k, fingerprint, path
     data: dict  # tokens, seq_len, sources
     layers: dict[int, LayerStats]
+
+    def check_finite(self, what: str, hint: str) -> None:
+        """Fail with one line when a statistic holds NaN or Inf: the scores, groups and scales made from it
+        would be NaN. `what` names the statistics (e.g. their directory), `hint` says what to do."""
+        for i in sorted(self.layers):
+            bad = self.layers[i].nonfinite()
+            if bad:
+                raise EdgeconvError(f"{what} hold NaN/Inf values (layer {i}, {bad})", hint)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)

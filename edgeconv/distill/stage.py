@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from edgeconv.io.guard import check_not_an_input, guarded
 from edgeconv.distill import cache as cache_mod
 from edgeconv.distill import checkpoint, metrics
 from edgeconv.distill.config import DistillConfig
@@ -79,6 +80,7 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+@guarded("out", "teacher", "student", "data", work="distill")
 def distill(
     teacher: str | Path,
     student: str | Path,
@@ -96,6 +98,8 @@ def distill(
     if cache_only and cfg.mode != "offline":
         raise EdgeconvError("--cache-only builds the offline teacher cache", "pass --mode offline with it")
     out = Path(out).absolute()
+    if teacher_cache is not None:  # replacing OUT would delete a cache inside it
+        check_not_an_input(out, {"teacher cache": teacher_cache}, existing_only=False)
     t_ckpt, s_ckpt = Checkpoint.open(teacher), Checkpoint.open(student)
     check_pair(t_ckpt, s_ckpt)
     _check_sizes(cfg, t_ckpt, s_ckpt)

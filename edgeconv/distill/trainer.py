@@ -91,7 +91,8 @@ def train(accelerator, student: torch.nn.Module, teacher, ids: torch.Tensor, ord
     # step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step))
     student, optimizer = accelerator.prepare(student, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    # Saved and restored by edgeconv.distill.checkpoint (no pickle), not by accelerate's save_state/load_state.
+    state = {"model": student, "optimizer": optimizer, "scheduler": scheduler}
 
     ckpt_root = Path(work) / "checkpoints"
     start = 0
@@ -99,8 +100,10 @@ def train(accelerator, student: torch.nn.Module, teacher, ids: torch.Tensor, ord
         checkpoint.remove_temps(ckpt_root)
     accelerator.wait_for_everyone()
     found = checkpoint.latest(ckpt_root)
+    if cfg.checkpoint_every < cfg.steps:
+        checkpoint.check_supported(accelerator, cfg.steps)  # before training, not at the first checkpoint
     if found:
-        start = checkpoint.load(accelerator, found[1], run_key)
+        start = checkpoint.load(accelerator, found[1], run_key, **state)
         log(f"resumed from {found[1]} (step {start} of {cfg.steps})")
     metrics = MetricsLog(Path(work) / "metrics.jsonl", start, enabled=accelerator.is_main_process)
     kill_after = int(os.environ.get(KILL_AFTER_STEP, "-1"))
@@ -141,7 +144,7 @@ def train(accelerator, student: torch.nn.Module, teacher, ids: torch.Tensor, ord
             bar.update(task, advance=per_step, loss=f"{loss_v:.4f}")
             done = step + 1
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                checkpoint.save(accelerator, ckpt_root, done, run_key, cfg.keep_checkpoints)
+                checkpoint.save(accelerator, ckpt_root, done, run_key, cfg.keep_checkpoints, **state)
             if done == kill_after and accelerator.is_main_process:
                 os.kill(os.getpid(), signal.SIGKILL)
     outcome = TrainOutcome(start, cfg.steps, trained_seconds, (cfg.steps - start) * per_step)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
-from collections import Counter
+import re
+import sys
+from collections import Counter, deque
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -31,10 +36,58 @@ def _llama_cpp():
     return llama_cpp
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None) -> None:
-    """llama.cpp's quantizer; `imatrix` maps GGUF tensor names to float32 importance vectors."""
-    import ctypes
+# How many of llama.cpp's last log lines a quantize failure shows, and how long that part may be.
+LOG_LINES_SHOWN = 3
+LOG_CHARS_SHOWN = 400
 
+
+@contextmanager
+def captured_log(llama_cpp, keep: int = 50) -> Iterator[deque]:
+    """llama.cpp's log lines during the block, the last `keep` of them (also echoed under EDGECONV_LLAMA_VERBOSE).
+
+    llama-cpp-python's own callback is put back afterwards.
+    """
+    from llama_cpp import _logger
+
+    lines: deque[str] = deque(maxlen=keep)
+    partial: list[str] = []
+    echo = bool(os.environ.get("EDGECONV_LLAMA_VERBOSE"))
+
+    def on_log(level, text, user_data):
+        try:
+            piece = text.decode("utf-8", "replace") if text else ""
+            if echo:
+                print(piece, end="", file=sys.stderr, flush=True)
+            partial.append(piece)
+            if "\n" in piece:
+                *done, rest = "".join(partial).split("\n")
+                lines.extend(line for line in done if line.strip())
+                partial[:] = [rest] if rest else []
+        except Exception:  # never let an exception cross into C
+            pass
+
+    callback = llama_cpp.llama_log_callback(on_log)  # referenced until restored below
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        if "".join(partial).strip():
+            lines.append("".join(partial))
+
+
+def log_tail(lines, n: int = LOG_LINES_SHOWN, limit: int = LOG_CHARS_SHOWN) -> str:
+    """The last `n` log lines as one printable line, shortened from the front to `limit` characters."""
+    text = " | ".join(" ".join(line.split()) for line in list(lines)[-n:])
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None) -> None:
+    """llama.cpp's quantizer; `imatrix` maps GGUF tensor names to float32 importance vectors.
+
+    A failure is an EdgeconvError that quotes llama.cpp's last log lines (its log is otherwise hidden).
+    """
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
@@ -50,9 +103,47 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatr
             entries[i].size = buf.size
         keep.append(entries)
         params.imatrix = entries
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with captured_log(llama_cpp) as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
-        raise EdgeconvError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc})", "see llama.cpp's log above")
+        said = log_tail(log)
+        raise EdgeconvError(
+            f"llama.cpp could not quantize {Path(src).name} to {quant} (code {rc})"
+            + (f": {said}" if said else ": it logged nothing"),
+            "check that the input GGUF is complete and the disk has room; "
+            "EDGECONV_LLAMA_VERBOSE=1 shows llama.cpp's whole log",
+        )
+
+
+# An upper bound on a quantized file's size, for the free-space check before an export starts. Per --quant,
+# the widest type llama.cpp's mix gives an ordinary weight; the output, the embeddings and attention k/v may be
+# bumped up to Q8_0 in any mix; a row width that is not a multiple of 256 makes k-quants fall back (at most
+# to Q8_0), one that is not a multiple of 32 leaves the tensor F16. 1-D tensors and router weights stay F32.
+QUANT_WIDEST = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q6_K", "Q4_K_M": "Q6_K", "Q4_0": "Q5_1"}
+BUMPED = re.compile(r"^(output|token_embd)\.|\.attn_(k|v|qkv|kv_b|k_b|v_b)\.weight$")
+
+
+def quantized_bytes_bound(tensors, quant: str, metadata_bytes: int) -> int:
+    """At most how many bytes llama.cpp's `quant` file of these (name, torch shape, kept F32) tensors takes."""
+    import gguf
+
+    sizes, types = gguf.GGML_QUANT_SIZES, gguf.GGMLQuantizationType
+    widest, q8 = types[QUANT_WIDEST[quant]], types.Q8_0
+    total = metadata_bytes
+    for name, shape, kept_f32 in tensors:
+        n = int(np.prod(shape))
+        width = int(shape[-1])
+        if kept_f32:
+            t = types.F32
+        elif width % 32:
+            t = types.F16
+        elif BUMPED.search(name) or width % 256:
+            t = q8 if sizes[q8][1] / sizes[q8][0] >= sizes[widest][1] / sizes[widest][0] else widest
+        else:
+            t = widest
+        block, size = sizes[t]
+        total += -(-n // block) * size + 32  # + the data alignment
+    return int(total * 1.02) + 1024**2
 
 
 def tensor_types(path: Path) -> dict[str, str]:

@@ -36,6 +36,11 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Every floating-point tensor read is checked for NaN/Inf (a damaged checkpoint otherwise calibrates into NaN
+# statistics, or assembles into a model that outputs NaN): a full scan upfront would read the whole model
+# once more, checking each tensor as it is read for work costs one pass over memory already loaded.
+# Checked in pieces of this many elements, so the temporary is small next to the tensor.
+FINITE_CHUNK = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,12 @@ class ShardFile:
                 )
             self.tensors[name] = TensorInfo(name, dtype, shape, base + begin, base + end)
 
-    def read(self, name: str, index: int | None = None, fh: BinaryIO | None = None) -> torch.Tensor:
+    def read(self, name: str, index: int | None = None, fh: BinaryIO | None = None,
+             check_finite: bool = True) -> torch.Tensor:
         """Read a tensor, or with `index` only its row `index` along dim 0 (one expert of a fused tensor).
 
         `fh` is an already open handle on this file (the checkpoint keeps one open); without it the file
-        is opened for this read.
+        is opened for this read. A floating-point tensor holding NaN or Inf is refused (`check_finite`).
         """
         info = self.tensors[name]
         start, shape = info.start, info.shape
@@ -131,7 +137,32 @@ class ShardFile:
             got = _read_at(fh, start, buf)
         if got != nbytes:
             raise _corrupt(self.path, f"short read of {name!r}")
-        return buf.view(info.dtype).reshape(shape)
+        tensor = buf.view(info.dtype).reshape(shape)
+        if check_finite and not all_finite(tensor):
+            row = f" (row {index})" if index is not None else ""
+            raise EdgeconvError(
+                f"tensor {name}{row} in {self.path.name} holds NaN/Inf values",
+                f"the checkpoint is damaged: re-download or re-save {self.path}",
+            )
+        return tensor
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf (always for integer and bool tensors).
+
+    Fast path: the sum. NaN and Inf propagate through any order of additions, so a finite sum proves every
+    element finite, at the speed of a reduction (no temporary). A non-finite sum is either a NaN/Inf or an
+    overflow of finite values (a float16 sum past 65504), told apart by the exact element-wise check.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    flat = tensor.reshape(-1)
+    if flat.element_size() == 1:  # float8: no sum or isfinite kernels, upcast a piece at a time
+        return all(bool(torch.isfinite(flat[i:i + FINITE_CHUNK].float()).all())
+                   for i in range(0, flat.numel(), FINITE_CHUNK))
+    if bool(torch.isfinite(flat.sum())):
+        return True
+    return all(bool(torch.isfinite(flat[i:i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
 
 
 def _read_at(fh: BinaryIO, offset: int, buf: torch.Tensor) -> int:

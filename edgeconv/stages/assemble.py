@@ -21,7 +21,8 @@ from edgeconv.families import family_for
 from edgeconv.families.base import MoEFamily
 from edgeconv.families.ffn import MAX_ALIGN_WIDTH, Ffn, concat, weighted_average
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.io.output_dir import atomic_output_dir, finished_output, sha256_file, stage_key, write_manifest
+from edgeconv.io.guard import guarded
+from edgeconv.io.output_dir import atomic_output_dir, check_can_write, finished_output, sha256_file, stage_key, write_manifest
 from edgeconv.io.safetensors_writer import ShardedWriter, TensorSpec
 from edgeconv.plan import LayerPlan, Plan, check_plan_fits
 from edgeconv.progress import byte_progress
@@ -120,6 +121,7 @@ def output_layout(ckpt: Checkpoint, family: MoEFamily, width: int):
     return steps
 
 
+@guarded("out", "model", "plan")
 def assemble(
     model: str | Path,
     plan: Plan | str | Path,
@@ -147,6 +149,7 @@ def assemble(
     done = finished_output(out, STAGE, key)
     if done:
         return AssembleResult(out, True, done)
+    check_can_write(out, force, key)  # before the heavy work, not at its end
 
     width = dense_width(family, plan)
     steps = output_layout(ckpt, family, width)

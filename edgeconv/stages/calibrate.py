@@ -9,14 +9,15 @@ from pathlib import Path
 
 import torch
 
-from edgeconv.calibration.data import token_sequences
+from edgeconv.calibration.data import check_data, check_seq_len, token_sequences
 from edgeconv.calibration.moe_block import CalibratedMoeBlock
 from edgeconv.calibration.runner import run_layer_by_layer
 from edgeconv.calibration.stats import CalibrationStats, LayerStats
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.io.output_dir import atomic_output_dir, finished_output, sha256_file, stage_key, write_manifest
+from edgeconv.io.guard import guarded
+from edgeconv.io.output_dir import atomic_output_dir, check_can_write, finished_output, sha256_file, stage_key, write_manifest
 from edgeconv.progress import token_progress
 from edgeconv.simple_planner import model_ref
 
@@ -46,6 +47,7 @@ def load_tokenizer(ckpt: Checkpoint):
         )
 
 
+@guarded("out", "model", "data")
 def calibrate(
     model: str | Path,
     data: str | Path,
@@ -73,6 +75,8 @@ def calibrate(
         )
     if gram_tokens < 1:
         raise EdgeconvError(f"--gram-tokens {gram_tokens} must be positive", "pass e.g. 1024")
+    check_seq_len(ckpt.config, seq_len)
+    check_data(data)  # before the tokenizer and the model; what it does not read is checked as it is read
     tokenizer = load_tokenizer(ckpt)
     ids, data_info = token_sequences(tokenizer, Path(data), tokens, seq_len)
     data_info["sha256"] = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
@@ -82,6 +86,7 @@ def calibrate(
     done = finished_output(out, STAGE, key)
     if done:
         return CalibrateResult(out, True, done)
+    check_can_write(out, force, key)  # before the heavy work, not at its end
 
     total = ids.numel()
     stride = max(1, total // gram_tokens)
@@ -105,6 +110,9 @@ def calibrate(
     seconds = time.perf_counter() - started
     ckpt.close()
     stats = CalibrationStats(model_ref(family, ckpt.fingerprint, str(ckpt.path)).model_dump(), data_info, layers)
+    # Finite weights (checked as they are read) can still overflow: no plan can use NaN statistics, so save none.
+    stats.check_finite(f"the statistics calibrated from {ckpt.path}",
+                       "its activations overflow on this data: check the checkpoint, calibrate with --dtype float32")
     with atomic_output_dir(out, force, key) as tmp:
         stats.save(tmp)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}

@@ -1,7 +1,10 @@
 """Export GGUF: write, quantize with llama.cpp, check parity against torch, then (only then) publish.
 
 Next to `NAME.gguf` it writes `NAME.parity.json`, an Ollama `NAME.Modelfile` and a model card `NAME.md`.
-Everything is built in a temp directory beside the output and renamed into place when parity passes.
+Everything is built in a temp directory beside the output (`.NAME.gguf.edgeconv-tmp-PID`) and renamed into
+place when parity passes; a killed run's temp directory (with its whole-size float GGUF) is removed by the next
+export to the same output. The free space is checked before anything is written: the float file's size is
+known exactly, the quantized one's bounded from above.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import llamacpp
 from edgeconv.export.gguf_arch import gguf_arch_for
-from edgeconv.export.gguf_convert import FLOAT_TYPES, write_gguf
+from edgeconv.export.gguf_convert import (FLOAT_TYPES, check_free_space, disk_nearly_full, is_disk_full,
+                                          not_enough_space, plan_gguf)
 from edgeconv.families.base import routed_experts
 from edgeconv.export.parity import PROMPTS, Parity, compare, gate, prompt_ids, torch_logits
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.io.output_dir import disk_full_error, sha256_file
+from edgeconv.io.guard import guarded
+from edgeconv.io.output_dir import remove_stale_temps, sha256_file, temp_path
 
 GGUF_QUANTS = list(FLOAT_TYPES) + list(llamacpp.QUANT_FTYPES)
+SIDE_FILES_BYTES = 1024**2  # NAME.parity.json, NAME.Modelfile, NAME.md: a few KB
 
 
 @dataclass
@@ -39,6 +45,9 @@ def _check_out(out: Path, force: bool) -> None:
         raise EdgeconvError(f"--out {out} should end in .gguf", "name the output file, e.g. model-Q4_K_M.gguf")
     if out.exists() and not force:
         raise EdgeconvError(f"{out} exists", "choose another --out or pass --force to replace it")
+    if out.exists() and not _written_by_edgeconv(out):
+        raise EdgeconvError(f"{out} exists and edgeconv did not write it (no {out.stem}.parity.json beside it)",
+                            "choose another --out, or remove the file yourself: --force replaces only edgeconv's exports")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out.parent, prefix=".edgeconv-probe-")
@@ -47,6 +56,16 @@ def _check_out(out: Path, force: bool) -> None:
         raise EdgeconvError(f"cannot write to {out.parent} ({exc.strerror})", "choose a writable --out")
 
 
+def _written_by_edgeconv(out: Path) -> bool:
+    """An export of ours: a file with the parity report edgeconv publishes beside it, naming it."""
+    try:
+        report = json.loads(out.with_suffix(".parity.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return out.is_file() and isinstance(report, dict) and "edgeconv_version" in report and report.get("artifact") == out.name
+
+
+@guarded("out", "model", "imatrix_data")
 def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, force: bool = False,
                 tokenizer_pre: str | None = None, prompts: list[str] = PROMPTS, imatrix_data: Path | None = None,
                 imatrix_tokens: int = 8192) -> GgufExport:
@@ -58,24 +77,43 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     gguf_arch_for(ckpt.config)  # unsupported architectures fail before any work
     if imatrix_data is not None and quant in FLOAT_TYPES:
         raise EdgeconvError(f"--imatrix-data applies to quantized types, not {quant}", "drop it or pick e.g. Q4_K_M")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.edgeconv-tmp-", dir=out.parent))
+    remove_stale_temps(out)  # killed runs' temp directories, whole-size float GGUFs included
+    # Quantize from a lossless float file: BF16 for bf16 sources, F32 otherwise.
+    source_dtype = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")
+    base = quant if quant in FLOAT_TYPES else ("BF16" if source_dtype == "bfloat16" else "F32")
+    what = f"the {quant} GGUF export {out.name}" + ("" if quant in FLOAT_TYPES else f" and its {base} intermediate")
+    plan, needed = None, 0
+    tmp = temp_path(out)
     try:
+        plan = plan_gguf(ckpt.path, base, tokenizer_pre)
+        needed = plan.nbytes + SIDE_FILES_BYTES
+        if quant not in FLOAT_TYPES:  # the float file and the quantized one are both on disk at the end
+            needed += llamacpp.quantized_bytes_bound(plan.tensors(), quant, plan.metadata_bytes)
+        check_free_space(out.parent, needed, what)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         staged = tmp / out.name
         if quant in FLOAT_TYPES:
-            info = write_gguf(ckpt.path, staged, quant, tokenizer_pre)
+            info = plan.write(staged)
+            plan.close()
         else:
-            # Quantize from a lossless float file: BF16 for bf16 sources, F32 otherwise.
-            source_dtype = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")
-            base = "BF16" if source_dtype == "bfloat16" else "F32"
-            info = write_gguf(ckpt.path, tmp / f"base-{base}.gguf", base, tokenizer_pre)
+            base_file = tmp / f"base-{base}.gguf"
+            info = plan.write(base_file)
+            plan.close()
             imatrix = None
             if imatrix_data is not None:
                 from edgeconv.export.imatrix import compute_imatrix
 
                 imatrix = compute_imatrix(ckpt.path, Path(imatrix_data), imatrix_tokens)
                 info["imatrix"] = {"data": str(imatrix_data), "tokens": imatrix_tokens, "tensors": len(imatrix)}
-            llamacpp.quantize(tmp / f"base-{base}.gguf", staged, quant, imatrix=imatrix)
-            (tmp / f"base-{base}.gguf").unlink()
+            try:
+                llamacpp.quantize(base_file, staged, quant, imatrix=imatrix)
+            except EdgeconvError as exc:
+                if disk_nearly_full(out.parent):  # llama.cpp ran out of space (it says so only in its log)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise not_enough_space(out.parent, needed, what) from exc
+                raise
+            base_file.unlink()
         types = llamacpp.tensor_types(staged)
         fallbacks = llamacpp.k_quant_fallbacks(types, quant)
         parity = _parity(ckpt.path, staged, quant, prompts, routed=routed_experts(ckpt.config) > 1)
@@ -100,11 +138,15 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             (out.parent / f.name).unlink(missing_ok=True)
             f.rename(out.parent / f.name)
     except OSError as exc:
-        if exc.errno == 28:
-            raise disk_full_error(out) from exc
+        full = needed and is_disk_full(exc, out.parent)  # judged before the partial files go
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise not_enough_space(out.parent, needed, what) from exc
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if plan is not None:
+            plan.close()
         ckpt.close()
     return GgufExport(out, parity, report["type_mix"], fallbacks, info)
 

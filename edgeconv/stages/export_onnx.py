@@ -17,13 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeconv.io.guard import guarded
 from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import onnx_export as ox
 from edgeconv.families.base import routed_experts
 from edgeconv.export.parity import PROMPTS, Parity, compare, gate, prompt_ids, torch_logits
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.io.output_dir import atomic_output_dir, check_can_write, sha256_file, stage_key, write_manifest
+from edgeconv.io.output_dir import (atomic_output_dir, check_can_write, remove_stale_temps, sha256_file,
+                                   stage_key, temp_path, write_manifest)
 
 
 @dataclass
@@ -83,6 +85,7 @@ def _reference(model_dir: Path, prompts: list[str]):
     return ids, torch_logits(model_dir, ids)
 
 
+@guarded("out", "model")
 def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", *, force: bool = False,
                 prompts: list[str] = PROMPTS) -> OnnxExport:
     """optimum-onnx export (fp32), then fp16 / dynamic int8 / int4 MatMulNBits, checked against torch."""
@@ -111,6 +114,7 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", *, 
     return OnnxExport(out, parity, report["files"], report)
 
 
+@guarded("out", "model")
 def export_onnx_genai(model: str | Path, out: str | Path, precision: str = "int4", *, execution_provider: str = "cpu",
                       force: bool = False, prompts: list[str] = PROMPTS) -> OnnxExport:
     """onnxruntime-genai's model builder on a dense student, then parity through onnxruntime-genai itself."""
@@ -126,7 +130,12 @@ def export_onnx_genai(model: str | Path, out: str | Path, precision: str = "int4
     try:
         ox.check_genai_supported(ckpt.config, str(ckpt.path))
         with atomic_output_dir(out, force=True) as tmp:
-            cache = Path(tempfile.mkdtemp(prefix=f".{out.name}.genai-cache-", dir=out.parent))
+            # The builder's download/convert cache, named with our PID so a killed run's is swept by the next.
+            cache_of = out.parent / f"{out.name}.genai-cache"
+            remove_stale_temps(cache_of)
+            cache = temp_path(cache_of)
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir()
             try:
                 t0 = time.time()
                 ox.genai_build(ckpt.path, tmp, precision, execution_provider, cache)

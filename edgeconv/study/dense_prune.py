@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 
+from edgeconv.io.guard import guarded
 from edgeconv.errors import EdgeconvError
 from edgeconv.families.base import looks_moe, routed_experts
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.output_dir import (
     atomic_output_dir,
+    check_can_write,
     finished_output,
     sha256_file,
     stage_key,
@@ -158,6 +160,7 @@ def pruned_state(model, imp: dict, ffn_width: int, kv_heads: int) -> tuple[dict,
     return state, kept
 
 
+@guarded("out", "dense", "data")
 def prune(
     dense: str | Path,
     out: str | Path,
@@ -208,6 +211,7 @@ def prune(
     done = finished_output(out, STAGE, key)
     if done:
         return PruneResult(out, True, done)
+    check_can_write(out, force, key)  # before the heavy work, not at its end
 
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()

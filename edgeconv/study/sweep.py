@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeconv.io.guard import guarded
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import Checkpoint
@@ -36,6 +37,7 @@ def default_ks(groups: int, num_experts: int) -> list[int]:
     return ks or [groups]
 
 
+@guarded("out", "model", "data", "eval_data", "distill_data", "dense")
 def sweep(
     model: str | Path,
     out: str | Path,

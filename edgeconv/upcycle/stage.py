@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from edgeconv.io.guard import guarded
 from edgeconv.errors import EdgeconvError
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.io.output_dir import atomic_output_dir, finished_output, sha256_file, stage_key, write_manifest
+from edgeconv.io.output_dir import atomic_output_dir, check_can_write, finished_output, sha256_file, stage_key, write_manifest
 from edgeconv.upcycle.container import container_config, container_state, layer_map
 from edgeconv.upcycle.redundancy import Run, absorbable, check_runs, measure, parse_runs, select_runs
 
@@ -44,6 +45,7 @@ def check_source(ckpt: Checkpoint) -> None:
                             "its attention must fit the GLM-4-MoE container exactly (see `edgeconv upcycle --help`)")
 
 
+@guarded("out", "dense", "data")
 def upcycle(
     dense: str | Path,
     out: str | Path,
@@ -90,6 +92,7 @@ def upcycle(
     done = finished_output(out, STAGE, key)
     if done:
         return UpcycleResult(out, True, done, json.loads((out / PLAN).read_text()))
+    check_can_write(out, force, key)  # before the heavy work, not at its end
 
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()

@@ -38,22 +38,20 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp_tools  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "_work"
-BUILD = WORK / "llama.cpp-build"
+BUILD = llama_cpp_tools.BUILD
 AGREE = WORK / "agree"
 RUNNER = ROOT / "edgeconv" / "bundle" / "bench.py"
 RESULTS = ROOT / "benchmarks" / "results" / "llama_bench_agreement.json"
-VERSION = "0.3.36"
-# The installed wheel was built with GGML_NATIVE=OFF (README: CMAKE_ARGS="-DGGML_NATIVE=OFF ..."), which on x86-64
-# enables SSE4.2, AVX, AVX2, FMA, F16C and BMI2 (lib/cmake/ggml/ggml-config.cmake in the wheel says so); OpenMP on.
-CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-               "-DLLAMA_BUILD_TOOLS=ON"]
+VERSION = llama_cpp_tools.VERSION
+CMAKE_FLAGS = llama_cpp_tools.CMAKE_FLAGS  # the wheel's flags (see llama_cpp_tools.py)
 
 
 def log(msg: str) -> None:
@@ -65,23 +63,8 @@ def sh(cmd: list, **kw) -> subprocess.CompletedProcess:
 
 
 def build_llama_bench(jobs: int) -> Path:
-    """llama-bench from the sdist of llama-cpp-python VERSION (pip download; the pip cache is used if it has it)."""
-    exe = BUILD / "bin" / "llama-bench"
-    if exe.exists():
-        return exe
-    src_root = WORK / "llama-cpp-python-sdist"
-    sdist = src_root / f"llama_cpp_python-{VERSION}.tar.gz"
-    if not sdist.exists():
-        src_root.mkdir(parents=True, exist_ok=True)
-        sh([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}", "--no-deps", "--no-binary",
-            ":all:", "-d", src_root])
-    source = src_root / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
-    if not source.exists():
-        with tarfile.open(sdist) as tar:
-            tar.extractall(src_root)
-    sh(["cmake", "-S", source, "-B", BUILD, *CMAKE_FLAGS])
-    sh(["cmake", "--build", BUILD, "--target", "llama-bench", f"-j{jobs}"])
-    return exe
+    """llama-bench from the sdist of llama-cpp-python VERSION (benchmarks/llama_cpp_tools.py)."""
+    return llama_cpp_tools.build(["llama-bench"], jobs)["llama-bench"]
 
 
 def ensure_models() -> list[Path]:

@@ -28,7 +28,8 @@ from edgeconv.io.output_dir import (
     sha256_file,
     stage_key,
 )
-from edgeconv.memory_fit import Config, Estimate, estimate, gb, largest_fit
+from edgeconv.host_plan import HostPlan, plan_host, tree_bytes
+from edgeconv.memory_fit import Config, Estimate, estimate, gb, largest_fit, tensor_shapes
 from edgeconv.target_profiles import TargetProfile, get_target
 
 DEFAULT_DISTILL_TOKENS = 262_144  # about 3 minutes on the demo student on 2 CPU cores
@@ -46,6 +47,8 @@ class BuildPlan:
     work: Path
     distill_tokens: int
     stages: list[tuple[str, Path, str]] = field(default_factory=list)  # (name, where, what)
+    distill_mode: str = "online"
+    host: HostPlan | None = None  # what the build needs on this machine (edgeconv.host_plan)
 
     def render(self) -> str:
         t, e = self.target, self.estimate
@@ -60,13 +63,20 @@ class BuildPlan:
         ]
         for i, (name, where, what) in enumerate(self.stages, 1):
             lines.append(f"    {i}. {name:<8} {what} -> {where}")
+        if self.host is not None:
+            lines += self.host.lines()
         return "\n".join(lines)
 
 
 def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: str | None = None,
                quant: str | None = None, groups: int | None = None, context: int | None = None,
-               distill_tokens: int = DEFAULT_DISTILL_TOKENS, bench: bool = True) -> BuildPlan:
-    """Everything decided before any heavy work; raises EdgeconvError if the student cannot fit."""
+               distill_tokens: int = DEFAULT_DISTILL_TOKENS, bench: bool = True, calibration_tokens: int = 65536,
+               distill_options: dict | None = None, eval_data: Path | None = None, measure: bool = True,
+               host=None) -> BuildPlan:
+    """Everything decided before any heavy work; raises EdgeconvError if the student cannot fit the target, or
+    the build cannot fit this host (memory per stage, disk at the peak: edgeconv.host_plan). `distill_options`
+    are build()'s (mode, lr, ...); `measure` times one layer here for the time estimates; `host` replaces the
+    detected edgeconv.host_plan.Host (tests)."""
     profile = get_target(target)
     path = resolve_model_path(model)
     try:
@@ -97,10 +107,18 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
     out = Path(out or Path("dist") / f"{name}-{profile.name}").absolute()
     work = out.parent / f"{out.name}.work"
     check_not_an_input(out, {"model": path}, work=work)  # the dry run says so too
-    plan = BuildPlan(path, name, profile, fmt, cand, est, out, work, distill_tokens)
+    distill_config = None
+    if distill_tokens:
+        from edgeconv.distill.config import DistillConfig
+
+        distill_config = DistillConfig.make(tokens=distill_tokens, **(distill_options or {}))
+    mode = distill_config.mode if distill_config else "online"
+    plan = BuildPlan(path, name, profile, fmt, cand, est, out, work, distill_tokens, distill_mode=mode)
+    how = (f"offline: the teacher's top-{distill_config.top_k} log-probs cached first, then the student alone"
+           if mode == "offline" else "online: the teacher runs every step")
     plan.stages = [
         ("convert", work / "student", f"calibrate, plan and assemble {groups} expert groups per layer"),
-        ("distill", work / "student", f"{distill_tokens:,} tokens from the teacher" if distill_tokens
+        ("distill", work / "student", f"{distill_tokens:,} tokens from the teacher ({how})" if distill_tokens
          else "skipped (--distill-tokens 0)"),
         ("export", work / "export", f"{fmt} {quant}"),
         ("parity", work / "export", "artifact logits vs the torch student, within the tolerance of " + quant),
@@ -108,6 +126,15 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
     ]
     if bench:
         plan.stages.append(("bench", work / "bench" / "results.json", "bench.py --quick here, on this machine"))
+    from edgeconv.demo import EVAL_DATA
+
+    plan.host = plan_host(config=config, family=family, path=path, dense=dense, student_params=est.params,
+                          student_shapes=tensor_shapes({**dense, "intermediate_size": width}), fmt=fmt, quant=quant,
+                          quant_bytes=est.weights_bytes, target_bytes=est.total_bytes, out=out, work=work,
+                          calibration_tokens=calibration_tokens, distill_config=distill_config,
+                          eval_bytes=tree_bytes(Path(eval_data or EVAL_DATA)), bench=bench, measure_throughput=measure,
+                          host=host)
+    plan.host.check()  # memory or disk this host cannot give: refused now, --dry-run included
     return plan
 
 

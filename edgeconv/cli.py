@@ -55,6 +55,23 @@ def no_wait_option(fn):
     return wrapper
 
 
+DEVICE_HELP = "auto (a GPU if there is one), cpu, cuda or cuda:N."
+
+
+def _forward_options(device: str, dtype: str, layer_by_layer: bool | None, chunk: int | None = None):
+    from edgeconv.forward.layer_by_layer import ForwardOptions
+
+    return ForwardOptions(device=device, dtype=dtype, layer_by_layer=layer_by_layer, chunk_sequences=chunk)
+
+
+def layer_by_layer_option(what: str, note: str = ""):
+    """`--layer-by-layer/--whole-model` (default: chosen from the model's size and the memory available)."""
+    return click.option("--layer-by-layer/--whole-model", "layer_by_layer", default=None,
+                        help=f"Run {what} one decoder layer at a time (bounded memory: one layer plus the "
+                             "activations) or whole [default: whole when it fits in memory; the choice is printed]."
+                             + (f" {note}" if note else ""))
+
+
 class _ConsoleLog(logging.Handler):
     """The library's notices (logging.getLogger("edgeconv...")), printed as plain lines on stderr."""
 
@@ -67,7 +84,6 @@ def _log_to_console() -> None:
     if not any(isinstance(h, _ConsoleLog) for h in logger.handlers):
         logger.addHandler(_ConsoleLog())
     logger.setLevel(logging.INFO)
-    logger.propagate = False  # printed once, here, whatever the root logger does
 
 
 class EdgeconvGroup(click.Group):
@@ -206,19 +222,22 @@ def _int_option(name: str, value: str | None) -> int | None:
 @no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--data", type=click.Path(exists=False, path_type=Path), default=None,
-              help="Calibration text: a .txt file, a JSONL file with a 'text' field, or a directory of them "
+              help="Calibration text: a .txt file, a JSONL file with a 'text' field, a parquet file with a 'text' "
+                   "column, a datasets save_to_disk directory, or a directory of such files "
                    "[default: the shipped demo text].")
 @click.option("--tokens", default=65536, show_default=True, help="Calibration tokens.")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per forward.")
 @click.option("--gram-tokens", default=1024, show_default=True, help="Shared sample on which every expert runs (Gram matrix).")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
+              help="Compute dtype; auto: bfloat16 on a GPU that has it, else float32.")
+@click.option("--device", default="auto", show_default=True, help="Where the layers run: " + DEVICE_HELP)
 @click.option("--max-activation-memory", default="4GB", show_default=True, help="Beyond this, activations go to disk.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Statistics directory.")
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, max_activation_memory, out_dir, force,
-              no_progress):
+def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, device, max_activation_memory, out_dir,
+              force, no_progress):
     """Run the MoE on text one decoder layer at a time and save per-expert statistics.
 
     Collected per layer and expert: selection count, routing-weight sum (CP), mean ||f_e(x)|| and
@@ -229,7 +248,7 @@ def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, max_
     from edgeconv.stages.calibrate import calibrate as run
 
     result = run(model, data or CALIBRATION_DATA, out_dir, tokens=tokens, seq_len=seq_len, batch_size=batch_size, gram_tokens=gram_tokens,
-                 dtype=dtype, max_activation_bytes=parse_size(max_activation_memory), force=force,
+                 dtype=dtype, device=device, max_activation_bytes=parse_size(max_activation_memory), force=force,
                  progress=not no_progress)
     s = result.manifest["summary"]
     verb = "up to date" if result.skipped else "wrote"
@@ -315,7 +334,8 @@ def methods():
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Dense checkpoint directory. Statistics and plan go to OUT.work/ beside it.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Calibration text (file, JSONL or directory) [default: the shipped demo text].")
+              help="Calibration text (.txt, JSONL, parquet, a datasets directory, or a directory of files) "
+                   "[default: the shipped demo text].")
 @click.option("--tokens", default=65536, show_default=True, help="Calibration tokens.")
 @click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--experts", type=int, default=None, help="K experts kept per layer (default: the group count).")
@@ -327,7 +347,8 @@ def methods():
 @click.option("--distill-tokens", type=int, default=0, show_default=True,
               help="Then distill the student from the MoE on this many tokens (0: no distillation).")
 @click.option("--distill-data", type=click.Path(path_type=Path), default=None,
-              help="Distillation text [default: --data]; it must hold --distill-tokens tokens (used once each).")
+              help="Distillation text (.txt, JSONL, parquet or a datasets directory) [default: --data]; it must hold "
+                   "--distill-tokens tokens (used once each).")
 @click.option("--distill-mode", type=click.Choice(["online", "offline"]), default="online", show_default=True,
               help="online: teacher forward each step; offline: cache its top-k log-probs first.")
 @click.option("--distill-lr", type=float, default=5e-4, show_default=True, help="Peak learning rate of distillation.")
@@ -368,7 +389,8 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
 @click.option("--split", default=1, show_default=True,
               help="Routed experts made from each absorbed MLP (its channels cut in equal parts).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Calibration text for the similarities [default: the shipped demo text].")
+              help="Calibration text for the similarities (.txt, JSONL, parquet or a datasets directory) "
+                   "[default: the shipped demo text].")
 @click.option("--tokens", default=16384, show_default=True, help="Calibration tokens.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fused layers' router initialisation.")
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
@@ -418,7 +440,8 @@ def upcycle(dense, out_dir, runs, threshold, top_k, split, data, tokens, seed, f
 @click.option("--kv-heads", type=int, default=None, help="Key/value heads kept per layer, with their query heads "
                                                           "[default: all].")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Calibration text for the importance pass [default: the shipped demo text].")
+              help="Calibration text for the importance pass (.txt, JSONL, parquet or a datasets directory) "
+                   "[default: the shipped demo text].")
 @click.option("--tokens", default=16384, show_default=True, help="Calibration tokens.")
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
 def prune(dense, out_dir, ffn_width, params, kv_heads, data, tokens, force):
@@ -466,7 +489,7 @@ def parse_count(text: str) -> float:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Study directory: calibration, plans, prescreen.jsonl, final/, final.jsonl, sweep.md, plots.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Calibration text [default: the shipped demo text].")
+              help="Calibration text (.txt, JSONL, parquet or a datasets directory) [default: the shipped demo text].")
 @click.option("--tokens", default=65536, show_default=True, help="Calibration tokens (one calibration for all).")
 @click.option("--scoring", default="all", show_default=True, help="'all' or a comma list (`edgeconv methods`).")
 @click.option("--grouping", default="all", show_default=True, help="'all' or a comma list.")
@@ -487,7 +510,8 @@ def parse_count(text: str) -> float:
               help="Then distill the --top best variants and the paper's default on this budget (0: prescreen only).")
 @click.option("--top", default=3, show_default=True, help="Distinct best prescreen variants (by perplexity) to distill.")
 @click.option("--distill-data", type=click.Path(path_type=Path), default=None,
-              help="Distillation text [default: the shipped distillation text].")
+              help="Distillation text (.txt, JSONL, parquet or a datasets directory) "
+                   "[default: the shipped distillation text].")
 @click.option("--distill-lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (as `edgeconv build`).")
 @click.option("--dense", default=None,
               help="A dense model to prune to the students' size and distill from itself with the same budget "
@@ -547,10 +571,18 @@ def sweep(model, out_dir, data, tokens, scoring, grouping, scaling, ks, groups, 
               help="Output .gguf file (gguf) or directory (onnx, onnx-genai).")
 @click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if it cannot be detected.")
 @click.option("--imatrix-data", type=click.Path(path_type=Path), default=None,
-              help="GGUF: calibration text for an importance matrix that guides llama.cpp's quantizer.")
+              help="GGUF: calibration text (.txt, JSONL, parquet or a datasets directory) for an importance "
+                   "matrix that guides llama.cpp's quantizer.")
 @click.option("--imatrix-tokens", default=8192, show_default=True, help="Tokens of --imatrix-data to use.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the torch reference of the parity check runs: " + DEVICE_HELP)
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Dtype of the torch reference (the tolerances assume float32; auto: bfloat16 on a GPU that has it).")
+@layer_by_layer_option("the torch reference")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def export(model, fmt, quant, precision, provider, out_path, tokenizer_pre, imatrix_data, imatrix_tokens, force):
+def export(model, fmt, quant, precision, provider, out_path, tokenizer_pre, imatrix_data, imatrix_tokens, device,
+           dtype, layer_by_layer, force):
     """Export a dense student or a MoE teacher to GGUF (llama.cpp) or ONNX, checked against torch first.
 
     The artifact is published only if its logits match the torch model's within the tolerance of its
@@ -566,14 +598,17 @@ def export(model, fmt, quant, precision, provider, out_path, tokenizer_pre, imat
       edgeconv export dense/ --format onnx --precision int8 --out dense-onnx-int8/
       edgeconv export dense/ --format onnx-genai --precision int4 --execution-provider cpu --out dense-genai/
     """
+    from edgeconv.export.parity import ReferenceOptions
+
+    reference = ReferenceOptions(device=device, dtype=dtype, layer_by_layer=layer_by_layer)
     if fmt in ("onnx", "onnx-genai"):
-        return _export_onnx(model, fmt, precision, provider, out_path, force)
+        return _export_onnx(model, fmt, precision, provider, out_path, force, reference)
     if precision is not None:
         raise EdgeconvError("--precision is for ONNX exports", "for GGUF use --quant, e.g. --quant Q8_0")
     from edgeconv.stages.export_gguf import export_gguf
 
     result = export_gguf(model, out_path, quant, force=force, tokenizer_pre=tokenizer_pre, imatrix_data=imatrix_data,
-                         imatrix_tokens=imatrix_tokens)
+                         imatrix_tokens=imatrix_tokens, reference=reference)
     p = result.parity
     console.print(f"wrote {result.path}: {result.info['architecture']} {quant}; types {result.type_mix}")
     outliers = (f", {p.positions_over_tolerance} of {p.positions} positions beyond tolerance (routing near-ties)"
@@ -585,16 +620,17 @@ def export(model, fmt, quant, precision, provider, out_path, tokenizer_pre, imat
                       f"(input width not a multiple of 256): {', '.join(result.fallbacks[:6])}...")
 
 
-def _export_onnx(model, fmt, precision, provider, out_path, force):
+def _export_onnx(model, fmt, precision, provider, out_path, force, reference):
     from edgeconv.stages.export_onnx import export_onnx, export_onnx_genai
 
     if fmt == "onnx":
         if provider != "cpu":
             raise EdgeconvError("--execution-provider is for --format onnx-genai",
                                 "a --format onnx model runs on any onnxruntime provider as is")
-        result = export_onnx(model, out_path, precision or "fp32", force=force)
+        result = export_onnx(model, out_path, precision or "fp32", force=force, reference=reference)
     else:
-        result = export_onnx_genai(model, out_path, precision or "int4", execution_provider=provider, force=force)
+        result = export_onnx_genai(model, out_path, precision or "int4", execution_provider=provider, force=force,
+                                   reference=reference)
     p = result.parity
     console.print(f"wrote {result.path}: {result.info['precision']}, "
                   f"{human_bytes(result.info['total_bytes'])} in {len(result.files)} files")
@@ -609,7 +645,8 @@ def _export_onnx(model, fmt, precision, provider, out_path, force):
 @click.option("--teacher", default=DEFAULT_MODEL, show_default=True, help="The teacher: any causal LM, usually the MoE.")
 @click.option("--student", required=True, help="The dense student (from `edgeconv convert`), sharing the teacher's tokenizer.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Training text: a .txt file, a JSONL file with a 'text' field, or a directory of them "
+              help="Training text: a .txt file, a JSONL file with a 'text' field, a parquet file with a 'text' "
+                   "column, a datasets save_to_disk directory, or a directory of such files "
                    "[default: the shipped demo text, about 100k tokens]. Each token is used once.")
 @click.option("--tokens", default=65536, show_default=True, help="Token budget: tokens trained on.")
 @click.option("--seq-len", default=256, show_default=True, help="Tokens per packed sequence.")
@@ -629,6 +666,16 @@ def _export_onnx(model, fmt, precision, provider, out_path, force):
               help="offline: where the cache lives (kept after the run) [default: OUT.work/distill/teacher-cache, "
                    "removed after the run].")
 @click.option("--cache-only", is_flag=True, help="offline: build the teacher cache and stop.")
+@click.option("--cache-device", default="auto", show_default=True,
+              help="offline: where the teacher runs to fill the cache: auto (this process's accelerate device), "
+                   "cpu, cuda or cuda:N.")
+@click.option("--cache-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="offline: the teacher's dtype for the cache (auto: what --precision gives).")
+@layer_by_layer_option("the teacher for the offline cache")
+@click.option("--cache-chunk", type=click.IntRange(min=1), default=None,
+              help="offline, layer by layer: sequences per pass over the teacher (each pass reads every layer once) "
+                   "[default: as many as 2 GB of activations hold].")
 @click.option("--checkpoint-every", default=50, show_default=True, help="Optimizer steps between checkpoints.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 autocast on GPUs that have it, fp32 on CPU.")
@@ -638,7 +685,8 @@ def _export_onnx(model, fmt, precision, provider, out_path, force):
 @click.option("--force", is_flag=True, help="Replace --out, and discard another run's checkpoints or cache.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def distill(teacher, student, data, tokens, seq_len, batch_size, grad_accum, lr, warmup, temperature, ce_weight,
-            mode, top_k, teacher_cache, cache_only, checkpoint_every, precision, seed, out_dir, force, no_progress):
+            mode, top_k, teacher_cache, cache_only, cache_device, cache_dtype, layer_by_layer, cache_chunk,
+            checkpoint_every, precision, seed, out_dir, force, no_progress):
     """Distill a dense student from its teacher: forward KL on next-token distributions, whole student trained.
 
     AdamW with warm-up and cosine decay over packed sequences; the result is a stock transformers checkpoint
@@ -667,6 +715,7 @@ def distill(teacher, student, data, tokens, seq_len, batch_size, grad_accum, lr,
 
         data = CALIBRATION_DATA
     result = run(teacher, student, data, out_dir, config, teacher_cache=teacher_cache, cache_only=cache_only,
+                 cache_forward=_forward_options(cache_device, cache_dtype, layer_by_layer, cache_chunk),
                  force=force, progress=not no_progress, log=_main_log)
     if not _is_main_process():
         return
@@ -705,14 +754,20 @@ def _main_log(message: str) -> None:
 @click.option("--examples", default=50, show_default=True, help="Examples per skill (exact match); 0 skips the skills.")
 @click.option("--choices", default=200, show_default=True, help="Multiple-choice items, spread over the corpora.")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all].")
+@click.option("--device", default="auto", show_default=True, help="torch runtime: where the model runs: " + DEVICE_HELP)
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="torch runtime: compute dtype (auto: bfloat16 on a GPU that has it, else float32).")
+@layer_by_layer_option("the torch model", "Layer by layer, each part of the suite is one batch (one pass over the "
+                       "model) and greedy skills cost one pass per generated token.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--lm-eval-tasks", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write lm-eval task YAMLs over the same data into this directory, and stop.")
 @click.option("--no-progress", is_flag=True)
-def eval_(model, runtime, data, tokens, window, examples, choices, threads, out_path, as_json, lm_eval_tasks,
-          no_progress):
+def eval_(model, runtime, data, tokens, window, examples, choices, threads, device, dtype, layer_by_layer, out_path,
+          as_json, lm_eval_tasks, no_progress):
     """Held-out perplexity per corpus, exact match per skill and multiple-choice accuracy, on torch, GGUF
     (llama-cpp-python) or ONNX (onnxruntime, onnxruntime-genai).
 
@@ -744,7 +799,8 @@ def eval_(model, runtime, data, tokens, window, examples, choices, threads, out_
 
         path = resolve_model_path(model)
     report = evaluate(path, data, runtime=None if runtime == "auto" else runtime, tokens=tokens, window=window,
-                      examples=examples, choices=choices, threads=threads, show_progress=not no_progress)
+                      examples=examples, choices=choices, threads=threads, show_progress=not no_progress,
+                      forward=_forward_options(device, dtype, layer_by_layer))
     if out_path:
         out_path.write_text(report.model_dump_json(indent=1))
     if as_json:
@@ -791,22 +847,28 @@ def targets(as_json):
 @click.option("--groups", type=int, default=None, help="Expert groups per layer = FFN width [default: the router's top-k].")
 @click.option("--context", type=int, default=None, help="Context to reserve KV cache for [default: the target's].")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
-              help="Calibration text (JSONL/txt) [default: the shipped demo text].")
+              help="Calibration text (.txt, JSONL, parquet or a datasets directory) [default: the shipped demo text].")
 @click.option("--calibration-tokens", default=65536, show_default=True)
 @click.option("--distill-tokens", type=int, default=262_144, show_default=True,
               help="Distillation budget in tokens; 0 skips distillation.")
 @click.option("--distill-data", type=click.Path(path_type=Path), default=None,
-              help="Distillation text [default: the shipped text for the demo teacher, else --data].")
+              help="Distillation text (.txt, JSONL, parquet or a datasets directory) "
+                   "[default: the shipped text for the demo teacher, else --data].")
 @click.option("--distill-lr", type=float, default=1e-3, show_default=True)
+@click.option("--distill-mode", type=click.Choice(["online", "offline"]), default="online", show_default=True,
+              help="online: the whole teacher runs beside the student every step. offline: the teacher's top-64 "
+                   "log-probs are cached on disk first (OUT.work), then the student trains alone.")
 @click.option("--eval-data", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Evaluation data bundled for bench.py [default: the shipped held-out set].")
 @click.option("--threads", type=int, default=None, help="Threads of the benchmark run here [default: all].")
 @click.option("--no-bench", is_flag=True, help="Do not run bench.py here after bundling.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (stages, sizes, estimated memory) and stop.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (stages, sizes, memory on the target and on this "
+              "host, disk, rough time) and stop.")
+@click.option("--no-measure", is_flag=True, help="Do not time one layer here (a few seconds): no time estimates.")
 @click.option("--force", is_flag=True, help="Redo every stage and replace OUT.")
 @click.option("--no-progress", is_flag=True)
 def build(model, target, out_dir, fmt, quant, groups, context, data, calibration_tokens, distill_tokens, distill_data,
-          distill_lr, eval_data, threads, no_bench, dry_run, force, no_progress):
+          distill_lr, distill_mode, eval_data, threads, no_bench, dry_run, no_measure, force, no_progress):
     """Everything for one device: convert -> distill -> export -> parity -> bundle -> bench here.
 
     The plan comes first, from config.json alone: if the student (weights + KV cache at the target's
@@ -823,13 +885,16 @@ def build(model, target, out_dir, fmt, quant, groups, context, data, calibration
     from edgeconv.build import build as run
     from edgeconv.build import headline, plan_build
 
+    # The default (online) keeps the options a build recorded before --distill-mode existed: reruns stay up to date.
+    distill_options = {"lr": distill_lr, **({"mode": "offline"} if distill_mode == "offline" else {})}
     plan = plan_build(model, target, out=out_dir, fmt=fmt, quant=quant, groups=groups, context=context,
-                      distill_tokens=distill_tokens, bench=not no_bench)
+                      distill_tokens=distill_tokens, bench=not no_bench, calibration_tokens=calibration_tokens,
+                      distill_options=distill_options, eval_data=eval_data, measure=not no_measure)
     console.print(plan.render())
     if dry_run:
         return
     result = run(plan, data=data, distill_data=distill_data, eval_data=eval_data,
-                 calibration_tokens=calibration_tokens, distill_options={"lr": distill_lr}, threads=threads,
+                 calibration_tokens=calibration_tokens, distill_options=distill_options, threads=threads,
                  force=force, progress=not no_progress, log=console.print)
     out.print(headline(result))
 

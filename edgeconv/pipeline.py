@@ -73,7 +73,8 @@ def convert(
     if distill_config and distill_data is not None:
         if not Path(distill_data).exists():
             raise EdgeconvError(f"--distill-data {distill_data} does not exist",
-                                "pass a text file, a JSONL file with a 'text' field, or a directory of them")
+                                "pass text or JSONL files, parquet files (a 'text' column), a datasets directory, "
+                                "or a directory of them")
         check_data(distill_data)
     limit = ckpt.config.get("max_position_embeddings")
     if distill_config and limit and distill_config.seq_len > int(limit):

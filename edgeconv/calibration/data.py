@@ -1,12 +1,16 @@
-"""Calibration text: plain text files, JSONL with a `text` field, or a directory of either.
+"""Calibration text: plain text files, JSONL with a `text` field, parquet files with a `text` column, a
+`datasets` `save_to_disk` directory, or a directory of files of those kinds.
 
-Documents are tokenized in file order (a directory is walked in sorted order), joined with the EOS token
-and cut into sequences of `seq_len` tokens until `tokens` are collected.
+Documents are read in file order (a directory is walked in sorted order; a `datasets` directory in its rows'
+order), tokenized, joined with the EOS token and cut into sequences of `seq_len` tokens until `tokens` are
+collected. The tokens go through a memory-mapped token stream (`edgeconv.io.token_stream`): written to disk as
+they are tokenized, read back as sequences.
 
 The data must be UTF-8 text. A binary file (an archive, a model shard, a UTF-16 file) decoded with
 replacement characters still tokenizes, and a model calibrated or distilled on that noise gives no sign of
 it, so files are checked as they are read (`TextGuard`), and `check_data` checks the start of every file
-before any model is loaded.
+before any model is loaded. Tables (parquet, arrow) must hold their documents in a string column `text`,
+valid UTF-8 (`edgeconv.io.text_sources`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from edgeconv.errors import EdgeconvError
+from edgeconv.io import text_sources
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -97,25 +103,52 @@ class TextGuard:
 
 
 def data_files(path: Path) -> list[Path]:
-    """The files `iter_documents` reads, in order: `path` itself, or the text and JSONL files under it."""
+    """The files `iter_documents` reads, in order: `path` itself, the arrow files of a `datasets` directory,
+    or the text, JSONL and parquet files under a directory (and the files of `datasets` directories in it)."""
     path = Path(path)
     if not path.exists():
-        raise EdgeconvError(f"calibration data {path} does not exist", "pass a text file, a JSONL file or a directory")
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    files = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES or not path.is_dir()]
+        raise EdgeconvError(f"calibration data {path} does not exist",
+                            "pass a text, JSONL or parquet file, a datasets directory, or a directory of files")
+    if not path.is_dir():
+        return [path]
+    files = _walk(path)
     if not files:
-        raise EdgeconvError(f"{path} holds no .txt/.md/.rst/.jsonl files", "pass text or JSONL calibration data")
+        raise EdgeconvError(f"{path} holds no .txt/.md/.rst/.jsonl/.parquet files",
+                            "pass text, JSONL or parquet data, or a directory datasets' save_to_disk wrote")
+    return files
+
+
+def _walk(directory: Path) -> list[Path]:
+    """Depth first, in sorted order (the order of `sorted(directory.rglob("*"))`)."""
+    if text_sources.is_datasets_dir(directory):
+        return text_sources.datasets_files(directory)
+    files: list[Path] = []
+    for p in sorted(directory.iterdir()):
+        if p.is_dir():
+            files += _walk(p)
+        elif p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES | text_sources.PARQUET_SUFFIXES:
+            files.append(p)
     return files
 
 
 def check_data(path: str | Path) -> None:
     """Fail at once when the data does not exist or is not text (see PREFIX_BYTES for how much is read).
 
-    Cheap: call it before loading any model. `iter_documents` applies the same rule to all it reads."""
+    Cheap: call it before loading any model. `iter_documents` applies the same rule to all it reads. A table
+    (parquet, arrow) is checked for a string `text` column (its schema: a small read), the first table's first
+    rows for valid UTF-8."""
     budget = UPFRONT_BYTES
+    tables = 0
     for n, file in enumerate(data_files(Path(path))):
+        if text_sources.is_table(file):
+            if tables:
+                text_sources.check_schema(file)
+            else:
+                text_sources.check_table(file)
+            tables += 1
+            continue
         if n and budget <= 0:
-            break
+            continue  # later tables are still checked (their schema), text files are not
         guard = TextGuard(file)
         try:
             with open(file, "rb") as fh:
@@ -143,6 +176,9 @@ def check_seq_len(config: dict, seq_len: int, flag: str = "--seq-len") -> None:
 def iter_documents(path: Path) -> Iterator[tuple[str, str]]:
     """(source, text) for every document under `path`; a file that turns out not to be text is refused."""
     for file in data_files(Path(path)):
+        if text_sources.is_table(file):
+            yield from text_sources.iter_table_documents(file)
+            continue
         guard = TextGuard(file)
         if file.suffix.lower() in JSONL_SUFFIXES:
             with open(file, "rb") as fh:
@@ -165,31 +201,28 @@ def iter_documents(path: Path) -> Iterator[tuple[str, str]]:
             yield file.name, "".join(parts)
 
 
-def token_sequences(tokenizer, path: Path, tokens: int, seq_len: int) -> tuple[torch.Tensor, dict]:
-    """[n, seq_len] token ids, n = ceil(tokens / seq_len), and a description of what was used."""
+def token_sequences(tokenizer, path: Path, tokens: int, seq_len: int,
+                    cache_dir: Path | None = None) -> tuple[torch.Tensor, dict]:
+    """[n, seq_len] token ids (int64), n = ceil(tokens / seq_len), and a description of what was used.
+
+    Read from the data's token stream (`edgeconv.io.token_stream`), kept in `cache_dir` for a rerun to reuse
+    (None: a temporary stream, removed at once). The tensor itself is in memory: calibration budgets are small.
+    """
+    from edgeconv.io.token_stream import open_stream
+
     if seq_len < 2:
         raise EdgeconvError(f"--seq-len {seq_len} is too short", "use at least 2 (typically 512-2048)")
     if tokens < 1:
         raise EdgeconvError(f"--tokens {tokens} must be positive", "pass the number of calibration tokens")
     n = -(-tokens // seq_len)
     need = n * seq_len
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    sources: list[str] = []
-    for source, text in iter_documents(path):
-        if not text.strip():
-            continue
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-        sources.append(source)
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
+    stream = open_stream(tokenizer, Path(path), need, cache_dir, what="calibration data")
+    if stream.count < need:
         raise EdgeconvError(
-            f"calibration data {path} gives only {len(ids)} tokens, {need} are needed "
+            f"calibration data {path} gives only {stream.count} tokens, {need} are needed "
             f"({n} sequences of {seq_len})",
             "add text, or lower --tokens / --seq-len",
         )
-    data = torch.tensor(ids[:need], dtype=torch.long).view(n, seq_len)
-    return data, {"path": str(path), "tokens": need, "seq_len": seq_len, "sequences": n, "documents": len(sources)}
+    data = torch.from_numpy(stream.ids(need).astype(np.int64)).view(n, seq_len)
+    return data, {"path": str(path), "tokens": need, "seq_len": seq_len, "sequences": n,
+                  "documents": stream.documents_before(need)}

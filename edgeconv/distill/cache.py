@@ -13,6 +13,10 @@ edgeconv.distill.data, not in training order, so one cache serves any seed, lear
 so k * (2 + 2) + 4 bytes per token (260 B at k = 64 with a vocabulary of up to 65536 tokens), against 2 * V for
 full fp16 logits. How the loss uses the tail is in edgeconv.distill.losses.
 
+The teacher runs whole (`fill`) when it fits in memory, else one decoder layer at a time (`fill_layer_by_layer`,
+edgeconv.forward: the rows in chunks, each chunk one pass over the teacher; the same top-k ids and, before fp16
+rounding, log-probs within 1e-5 in float32).
+
 The cache is keyed by the teacher's fingerprint, the sha256 of the token ids, the number of rows, seq_len, k,
 T and the vocabulary size; a cache made for anything else is refused (rebuilding it needs --force). Under
 several processes each fills the rows r, r + P, r + 2P, ... of the same files. Rows are read and written with
@@ -188,6 +192,35 @@ def fill(cache: TeacherCache, teacher: torch.nn.Module, ids: torch.Tensor, rows:
         target = teacher_topk(logits, spec.top_k, spec.temperature)
         cache.write(chunk, TopK(*(t.cpu() for t in (target.logp, target.ids, target.tail_logp))))
         on_rows(len(chunk))
+
+
+@torch.no_grad()
+def fill_layer_by_layer(cache: TeacherCache, teacher, ids: torch.Tensor, rows: np.ndarray, flush_rows: int = 64,
+                        on_rows: Callable[[int], None] = lambda n: None) -> None:
+    """`fill` for a teacher that does not fit: `teacher` is an edgeconv.forward LayerByLayerModel. The rows go in
+    chunks (each chunk one pass over the teacher, a layer at a time); the logits of a few rows at a time are
+    reduced to their top-k at once, and the targets are written `flush_rows` rows at a time (and at the end of
+    every chunk), so an interrupted pass resumes from the last rows written."""
+    spec = cache.spec
+    buffered: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # row, logp, ids, tail
+
+    def flush() -> None:
+        if not buffered:
+            return
+        at = np.array([b[0] for b in buffered])
+        cache.write(at, TopK(*(torch.stack([b[j] for b in buffered]) for j in (1, 2, 3))))
+        on_rows(len(buffered))
+        buffered.clear()
+
+    def reduce(indices: list[int], logits: torch.Tensor) -> None:
+        target = teacher_topk(logits, spec.top_k, spec.temperature)
+        logp, top, tail = (t.cpu() for t in (target.logp, target.ids, target.tail_logp))
+        buffered.extend((int(rows[i]), logp[j], top[j], tail[j]) for j, i in enumerate(indices))
+        if len(buffered) >= flush_rows:
+            flush()
+
+    teacher.logits(ids[torch.from_numpy(rows)].long(), reduce, progress=lambda n: flush())
+    flush()
 
 
 def finish(path: Path, spec: CacheSpec, seconds: float | None = None) -> dict:

@@ -25,10 +25,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Runtime:
-    """Subclasses give `logits(ids) -> [len(ids), vocab]`, `encode`, `decode`; the rest is shared."""
+    """Subclasses give `logits(ids) -> [len(ids), vocab]`, `encode`, `decode`; the rest is shared.
+
+    `prefers_batches`: one call with many sequences costs about what one call with one sequence does (a model
+    run layer by layer reads all its weights once per call), so the suite hands over everything at once:
+    all perplexity windows, all multiple-choice continuations, all greedy prompts (`greedy_batch`)."""
 
     name = "?"
     eos_id: int | None = None
+    prefers_batches = False
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -63,6 +68,10 @@ class Runtime:
                 token = self.next_token(token)
         return self.decode(new)
 
+    def greedy_batch(self, prompts: list[list[int]], max_new: int, stop: str = "\n") -> list[str]:
+        """`greedy` of every prompt (a runtime that prefers batches decodes them together)."""
+        return [self.greedy(ids, max_new, stop) for ids in prompts]
+
     # The greedy loop's two steps. Here the whole prefix is re-run at every step; runtimes with a KV cache
     # override both to feed one token at a time.
     def first_token(self, ids: list[int]) -> int:
@@ -94,23 +103,42 @@ RUNTIMES: Registry[Callable[[Path, int | None], Runtime]] = Registry("runtime")
 
 @RUNTIMES.register("torch")
 class TorchRuntime(HfTokenized):
+    """An HF checkpoint in transformers: the whole model when it fits in memory, else one decoder layer at a time
+    (edgeconv.forward; then every call reads the model once, so the suite batches everything: see Runtime).
+    `forward`: device, dtype and the choice (default: CPU, float32, whole model when it fits)."""
+
     name = "torch"
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, forward=None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from edgeconv.forward.layer_by_layer import ForwardOptions, LayerByLayerModel, use_layer_by_layer
+        from edgeconv.io.checkpoint import Checkpoint
+
+        forward = forward or ForwardOptions(device="cpu", dtype="float32")
+        self.device, dtype = forward.resolve()
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.eos_id = self.tokenizer.eos_token_id
+        ckpt = Checkpoint.open(path)
+        self.model = self.lbl = None
+        if use_layer_by_layer(ckpt, "eval", dtype, self.device, forward.layer_by_layer):
+            self.lbl = LayerByLayerModel(ckpt, device=self.device, dtype=dtype, chunk_sequences=forward.chunk_sequences,
+                                         max_activation_bytes=forward.max_activation_bytes)
+            self.prefers_batches = True
+        else:
+            ckpt.close()
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
 
     def logits(self, ids: list[int]) -> np.ndarray:
         return self.logits_batch([ids])[0]
 
     def logits_batch(self, batch: list[list[int]]) -> list[np.ndarray]:
+        if self.lbl is not None:
+            return self.lbl.full_logits(batch)
         # Sequences of one length go through together (perplexity windows all have the window's length).
         out: list[np.ndarray | None] = [None] * len(batch)
         by_len: dict[int, list[int]] = {}
@@ -120,24 +148,55 @@ class TorchRuntime(HfTokenized):
             for idx in by_len.values():
                 for chunk in range(0, len(idx), 8):
                     part = idx[chunk:chunk + 8]
-                    x = self.torch.tensor([batch[i] for i in part])
-                    logits = self.model(input_ids=x).logits.float().numpy()
+                    x = self.torch.tensor([batch[i] for i in part], device=self.device)
+                    logits = self.model(input_ids=x).logits.float().cpu().numpy()
                     for j, i in enumerate(part):
                         out[i] = logits[j]
         return out  # type: ignore[return-value]
+
+    def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
+        if self.lbl is not None:  # reduced a few sequences at a time: no [n, L, vocab] logits held
+            return self.lbl.token_logprobs(batch)
+        return super().token_logprobs(batch)
+
+    def greedy(self, ids: list[int], max_new: int, stop: str = "\n") -> str:
+        if self.lbl is not None:
+            return self.greedy_batch([ids], max_new, stop)[0]
+        return super().greedy(ids, max_new, stop)
+
+    def greedy_batch(self, prompts: list[list[int]], max_new: int, stop: str = "\n") -> list[str]:
+        """Layer by layer: all prompts decoded together, one pass over the model per generated token, with each
+        layer's KV cache kept in memory. The same text as `greedy` gives, prompt by prompt."""
+        if self.lbl is None:
+            return super().greedy_batch(prompts, max_new, stop)
+
+        def finished(i: int, new: list[int]) -> bool:
+            return new[-1] == self.eos_id or stop in self.decode(new)
+
+        out = []
+        for new in self.lbl.greedy(prompts, max_new, finished):
+            if new and new[-1] == self.eos_id:
+                new = new[:-1]
+            text = self.decode(new)
+            out.append(text.split(stop)[0] if stop in text else text)
+        return out
 
     # Incremental with the model's KV cache: re-running the whole prefix at every step and converting its full
     # logits made greedy skills 90 % of an eval's time.
     def first_token(self, ids: list[int]) -> int:
         with self.torch.no_grad():
-            self._out = self.model(input_ids=self.torch.tensor([list(ids)]), use_cache=True)
+            self._out = self.model(input_ids=self.torch.tensor([list(ids)], device=self.device), use_cache=True)
         return int(self._out.logits[0, -1].argmax())
 
     def next_token(self, token: int) -> int:
         with self.torch.no_grad():
-            self._out = self.model(input_ids=self.torch.tensor([[token]]), past_key_values=self._out.past_key_values,
-                                   use_cache=True)
+            self._out = self.model(input_ids=self.torch.tensor([[token]], device=self.device),
+                                   past_key_values=self._out.past_key_values, use_cache=True)
         return int(self._out.logits[0, -1].argmax())
+
+    def close(self) -> None:
+        if self.lbl is not None:
+            self.lbl.close()
 
 
 @RUNTIMES.register("gguf")
@@ -262,9 +321,18 @@ def detect_runtime(path: Path) -> str:
                         "pass an HF checkpoint directory, a .gguf file, or an ONNX export directory")
 
 
-def open_runtime(path: Path, runtime: str | None = None, threads: int | None = None) -> Runtime:
+def open_runtime(path: Path, runtime: str | None = None, threads: int | None = None, forward=None) -> Runtime:
+    """`forward` (edgeconv.forward's ForwardOptions: device, dtype, whole or layer by layer) is for the torch
+    runtime; other runtimes refuse anything but its defaults."""
+    from edgeconv.forward.layer_by_layer import ForwardOptions
+
     path = Path(path)
     name = runtime or detect_runtime(path)
     if name == "gguf" and path.is_dir():
         path = min(path.glob("*.gguf"))
+    if name == "torch":
+        return TorchRuntime(path, threads, forward)
+    if forward is not None and forward != ForwardOptions():
+        raise EdgeconvError(f"--device, --dtype and --layer-by-layer/--whole-model are for the torch runtime, and "
+                            f"{path.name} runs in {name}", "drop them, or evaluate the HF checkpoint it came from")
     return RUNTIMES.get(name)(path, threads)

@@ -36,6 +36,10 @@ class EvalReport(BaseModel):
 
 
 def perplexity(rt: Runtime, docs: list[str], tokens: int, window: int) -> tuple[float, int]:
+    return _perplexity(rt.token_logprobs(_windows(rt, docs, tokens, window)))
+
+
+def _windows(rt: Runtime, docs: list[str], tokens: int, window: int) -> list[list[int]]:
     ids: list[int] = []
     for doc in docs:
         ids.extend(rt.encode(doc))
@@ -45,9 +49,12 @@ def perplexity(rt: Runtime, docs: list[str], tokens: int, window: int) -> tuple[
             break
     ids = ids[:tokens]
     windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window)]
-    windows = [w for w in windows if len(w) >= 2]
+    return [w for w in windows if len(w) >= 2]
+
+
+def _perplexity(logprobs: list[np.ndarray]) -> tuple[float, int]:
     nll, count = 0.0, 0
-    for lp in rt.token_logprobs(windows):
+    for lp in logprobs:
         nll -= float(lp.sum())
         count += len(lp)
     return math.exp(nll / count), count
@@ -61,6 +68,11 @@ def choice_scores(rt: Runtime, item: dict) -> tuple[int, int]:
     """(index by summed log-probability, index by log-probability per character). As lm-eval does, the
     context's trailing whitespace moves to the front of each choice and the pair is tokenized as one text,
     so a byte-level BPE that merges whitespace across the boundary scores what it would really see."""
+    seqs, spans = _choice_sequences(rt, item)
+    return _choice_pick(item, rt.token_logprobs(seqs), spans)
+
+
+def _choice_sequences(rt: Runtime, item: dict) -> tuple[list[list[int]], list[int]]:
     context = item["context"]
     lead = context[len(context.rstrip()):]
     context = context[: len(context) - len(lead)]
@@ -70,50 +82,87 @@ def choice_scores(rt: Runtime, item: dict) -> tuple[int, int]:
         whole = rt.encode(context + lead + choice)
         seqs.append(whole)
         spans.append(len(whole) - n_context)
-    sums = [float(lp[-n:].sum()) for lp, n in zip(rt.token_logprobs(seqs), spans)]
+    return seqs, spans
+
+
+def _choice_pick(item: dict, logprobs: list[np.ndarray], spans: list[int]) -> tuple[int, int]:
+    sums = [float(lp[-n:].sum()) for lp, n in zip(logprobs, spans)]
     norm = [s / max(1, len(c)) for s, c in zip(sums, item["choices"])]
     return int(np.argmax(sums)), int(np.argmax(norm))
 
 
 def evaluate(model: str | Path, data: Path, *, runtime: str | None = None, tokens: int = 16_384,
              window: int = 256, examples: int = 50, choices: int = 200, threads: int | None = None,
-             show_progress: bool = True) -> EvalReport:
-    """Run the suite on one model in one runtime."""
+             show_progress: bool = True, forward=None) -> EvalReport:
+    """Run the suite on one model in one runtime. `forward` (edgeconv.forward's ForwardOptions): device, dtype and
+    whole model or layer by layer, for the torch runtime. A runtime that prefers batches (a model run layer by
+    layer) gets each part of the suite in one call: all perplexity windows, all greedy prompts, all choices."""
     start = time.time()
     ev = EvalData.load(data)
-    rt = open_runtime(Path(model), runtime, threads)
+    rt = open_runtime(Path(model), runtime, threads, forward)
     try:
         items = _spread(ev.choices, choices)
-        total = len(ev.texts) + sum(min(max(0, examples), len(v)) for v in ev.skills.values()) + len(items)
-        ppl, counts, em = {}, {}, {}
-        hits = [0, 0]
+        skills = {skill: exs[:examples] for skill, exs in ev.skills.items()} if examples > 0 else {}
+        total = len(ev.texts) + sum(len(v) for v in skills.values()) + len(items)
         with item_progress(show_progress) as bar:
             task = bar.add_task(f"eval ({rt.name})", total=total)
 
             def advance(n: int) -> None:
                 bar.advance(task, n)
 
-            for corpus, docs in ev.texts.items():
-                ppl[corpus], counts[corpus] = perplexity(rt, docs, tokens, window)
-                advance(1)
-            for skill, exs in ev.skills.items() if examples > 0 else ():
-                chosen = exs[:examples]
-                hit = 0
-                for prompt, answer in chosen:
-                    hit += solved(rt, prompt, answer)
-                    advance(1)
-                em[skill] = hit / len(chosen)
-            for item in items:
-                acc, acc_norm = choice_scores(rt, item)
-                hits[0] += acc == item["label"]
-                hits[1] += acc_norm == item["label"]
-                advance(1)
+            run = _batched if rt.prefers_batches else _one_by_one
+            ppl, counts, em, hits = run(rt, ev, skills, items, tokens, window, advance)
     finally:
         rt.close()
     n = max(1, len(items))
     return EvalReport(model=str(model), runtime=rt.name, data=str(data), perplexity=ppl, perplexity_tokens=counts,
                       exact_match=em, exact_match_examples=examples, choice_acc=hits[0] / n,
                       choice_acc_norm=hits[1] / n, choice_items=len(items), seconds=round(time.time() - start, 1))
+
+
+def _one_by_one(rt: Runtime, ev: EvalData, skills: dict, items: list[dict], tokens: int, window: int, advance):
+    ppl, counts, em = {}, {}, {}
+    hits = [0, 0]
+    for corpus, docs in ev.texts.items():
+        ppl[corpus], counts[corpus] = perplexity(rt, docs, tokens, window)
+        advance(1)
+    for skill, chosen in skills.items():
+        hit = 0
+        for prompt, answer in chosen:
+            hit += solved(rt, prompt, answer)
+            advance(1)
+        em[skill] = hit / len(chosen)
+    for item in items:
+        acc, acc_norm = choice_scores(rt, item)
+        hits[0] += acc == item["label"]
+        hits[1] += acc_norm == item["label"]
+        advance(1)
+    return ppl, counts, em, hits
+
+
+def _batched(rt: Runtime, ev: EvalData, skills: dict, items: list[dict], tokens: int, window: int, advance):
+    """The same numbers as _one_by_one, with one runtime call per part of the suite."""
+    ppl, counts, em = {}, {}, {}
+    windows = {corpus: _windows(rt, docs, tokens, window) for corpus, docs in ev.texts.items()}
+    scored = iter(rt.token_logprobs([w for ws in windows.values() for w in ws]))
+    for corpus, ws in windows.items():
+        ppl[corpus], counts[corpus] = _perplexity([next(scored) for _ in ws])
+    advance(len(windows))
+    pairs = [(skill, prompt, answer) for skill, chosen in skills.items() for prompt, answer in chosen]
+    texts = rt.greedy_batch([rt.encode(prompt) for _, prompt, _ in pairs], 32)
+    for skill, chosen in skills.items():
+        right = [text.strip() == answer for (s, _, answer), text in zip(pairs, texts) if s == skill]
+        em[skill] = sum(right) / len(chosen)
+    advance(len(pairs))
+    hits = [0, 0]
+    built = [_choice_sequences(rt, item) for item in items]
+    scored = iter(rt.token_logprobs([seq for seqs, _ in built for seq in seqs]))
+    for item, (seqs, spans) in zip(items, built):
+        acc, acc_norm = _choice_pick(item, [next(scored) for _ in seqs], spans)
+        hits[0] += acc == item["label"]
+        hits[1] += acc_norm == item["label"]
+    advance(len(items))
+    return ppl, counts, em, hits
 
 
 def _spread(items: list[dict], n: int) -> list[dict]:

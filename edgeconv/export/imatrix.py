@@ -22,14 +22,18 @@ EXPERT = re.compile(r"^(model\.layers\.\d+)\.(mlp|block_sparse_moe)\.experts\.(\
 EXPERT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def compute_imatrix(model_dir: Path, data: Path, tokens: int = 8192, seq_len: int = 256) -> dict[str, torch.Tensor]:
-    """GGUF tensor name -> float32 importance vector (length = input width, x experts for stacked experts)."""
+def compute_imatrix(model_dir: Path, data: Path, tokens: int = 8192, seq_len: int = 256,
+                    cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """GGUF tensor name -> float32 importance vector (length = input width, x experts for stacked experts).
+
+    `data` is any calibration data (`edgeconv.calibration.data`: text, JSONL, parquet, a datasets directory),
+    read through its token stream (kept in `cache_dir` for a rerun; None: a temporary one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = __import__("json").loads((Path(model_dir) / "config.json").read_text())
     spec = gguf_arch_for(config)
     tmap = gguf.get_tensor_name_map(spec.arch, int(config["num_hidden_layers"]))
-    ids, _ = token_sequences(AutoTokenizer.from_pretrained(model_dir), Path(data), tokens, seq_len)
+    ids, _ = token_sequences(AutoTokenizer.from_pretrained(model_dir), Path(data), tokens, seq_len, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

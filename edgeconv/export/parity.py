@@ -16,12 +16,15 @@ torch's.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from edgeconv.errors import EdgeconvError
+from edgeconv.forward.layer_by_layer import ForwardOptions
 
 # Tolerances per format and quantization. rel_diff: max |diff| / max |torch logit| (llama.cpp's and ORT's
 # kernels sum in another order: 1.5e-3 was seen at logits near 2.7 in F32). top1: agreement on decisive
@@ -146,14 +149,54 @@ def gate(parity: Parity, report: dict, failed_path, what: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class ReferenceOptions(ForwardOptions):
+    """How the torch reference runs (see ForwardOptions): float32 by default, since the tolerances above are
+    against an fp32 reference; `auto` would be bf16 on a GPU that has it. `check()` refuses an unavailable
+    device before any work."""
+
+    dtype: str = "float32"
+
+    def check(self) -> None:
+        self.resolve()
+
+
+_REFERENCE: ContextVar[ReferenceOptions] = ContextVar("edgeconv_parity_reference", default=ReferenceOptions())
+
+
+@contextmanager
+def reference_options(options: ReferenceOptions | None):
+    """Within the block, `torch_logits` runs with `options` (the export stages set them around their check)."""
+    token = _REFERENCE.set(options or ReferenceOptions())
+    try:
+        yield
+    finally:
+        _REFERENCE.reset(token)
+
+
 def torch_logits(model_dir, token_ids: list[list[int]]) -> list[np.ndarray]:
+    """The torch model's float32 logits [len, V] for each prompt: the whole model when it fits in memory, else one
+    decoder layer at a time (edgeconv.forward), with the options of `reference_options` (logged: which, and why)."""
+    from edgeconv.forward.layer_by_layer import LayerByLayerModel, use_layer_by_layer
+    from edgeconv.io.checkpoint import Checkpoint
+
+    opts = _REFERENCE.get()
+    device, dtype = opts.resolve()
+    ckpt = Checkpoint.open(model_dir)
+    try:
+        if use_layer_by_layer(ckpt, "parity reference", dtype, device, opts.layer_by_layer):
+            lbl = LayerByLayerModel(ckpt, device=device, dtype=dtype, batch_size=len(token_ids),
+                                    max_activation_bytes=opts.max_activation_bytes)
+            return lbl.full_logits(token_ids)
+    finally:
+        ckpt.close()
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     out = []
     with torch.no_grad():
         for ids in token_ids:
-            out.append(model(torch.tensor([ids])).logits[0].float().numpy())
+            out.append(model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy())
     return out
 
 

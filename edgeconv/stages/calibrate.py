@@ -15,6 +15,7 @@ from edgeconv.calibration.runner import run_layer_by_layer
 from edgeconv.calibration.stats import CalibrationStats, LayerStats
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
+from edgeconv.forward.layer_by_layer import dtype_name, resolve_device, resolve_dtype
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import atomic_output_dir, check_can_write, finished_output, sha256_file, stage_key, write_manifest
@@ -57,14 +58,19 @@ def calibrate(
     seq_len: int = 512,
     batch_size: int = 4,
     gram_tokens: int = 1024,
-    dtype: str = "float32",
+    dtype: str = "auto",
+    device: str = "auto",
     max_activation_bytes: int = 4 * 1024**3,
     force: bool = False,
     progress: bool = True,
 ) -> CalibrateResult:
+    """`device`: auto (the GPU if there is one), cpu, cuda, cuda:N. `dtype`: auto (bfloat16 on a GPU that has it,
+    else float32), float32 or bfloat16; the run key holds the dtype it resolves to."""
     out = Path(out)
-    if dtype not in DTYPES:
-        raise EdgeconvError(f"--dtype {dtype} is not supported", f"use one of {', '.join(DTYPES)}")
+    if dtype not in ("auto", *DTYPES):
+        raise EdgeconvError(f"--dtype {dtype} is not supported", f"use auto or one of {', '.join(DTYPES)}")
+    compute_device = resolve_device(device)
+    dtype = dtype_name(resolve_dtype(dtype, compute_device))
     ckpt = Checkpoint.open(model)
     family = family_for(ckpt.config, str(ckpt.path))
     family.check_checkpoint(ckpt)
@@ -105,8 +111,8 @@ def calibrate(
             bar.update(task, advance=n, description=f"calibrate layer {layer + 1}/{family.num_layers}")
 
         run_layer_by_layer(ckpt, family, ids, make_block, batch_size=batch_size, dtype=DTYPES[dtype],
-                           max_activation_bytes=max_activation_bytes, spill_dir=out.absolute().parent,
-                           on_batch=on_batch)
+                           device=compute_device, max_activation_bytes=max_activation_bytes,
+                           spill_dir=out.absolute().parent, on_batch=on_batch)
     seconds = time.perf_counter() - started
     ckpt.close()
     stats = CalibrationStats(model_ref(family, ckpt.fingerprint, str(ckpt.path)).model_dump(), data_info, layers)

@@ -22,7 +22,8 @@ from edgeconv.export.gguf_arch import gguf_arch_for
 from edgeconv.export.gguf_convert import (FLOAT_TYPES, check_free_space, disk_nearly_full, is_disk_full,
                                           not_enough_space, plan_gguf)
 from edgeconv.families.base import routed_experts
-from edgeconv.export.parity import PROMPTS, Parity, compare, gate, prompt_ids, torch_logits
+from edgeconv.export.parity import (PROMPTS, Parity, ReferenceOptions, compare, gate, prompt_ids, reference_options,
+                                   torch_logits)
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import remove_stale_temps, sha256_file, temp_path
@@ -68,15 +69,22 @@ def _written_by_edgeconv(out: Path) -> bool:
 @guarded("out", "model", "imatrix_data")
 def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, force: bool = False,
                 tokenizer_pre: str | None = None, prompts: list[str] = PROMPTS, imatrix_data: Path | None = None,
-                imatrix_tokens: int = 8192) -> GgufExport:
+                imatrix_tokens: int = 8192, reference: ReferenceOptions | None = None) -> GgufExport:
+    """`reference`: how the torch model the GGUF is checked against runs (device, dtype, whole or layer by
+    layer; by default float32, the whole model when it fits in memory, else layer by layer)."""
     if quant not in GGUF_QUANTS:
         raise EdgeconvError(f"unknown GGUF quantization {quant!r}", f"use one of {', '.join(GGUF_QUANTS)}")
+    (reference or ReferenceOptions()).check()
     out = Path(out).absolute()
     _check_out(out, force)
     ckpt = Checkpoint.open(model)
     gguf_arch_for(ckpt.config)  # unsupported architectures fail before any work
     if imatrix_data is not None and quant in FLOAT_TYPES:
         raise EdgeconvError(f"--imatrix-data applies to quantized types, not {quant}", "drop it or pick e.g. Q4_K_M")
+    if imatrix_data is not None:
+        from edgeconv.calibration.data import check_data
+
+        check_data(imatrix_data)  # not text, or missing: before the float GGUF is written
     remove_stale_temps(out)  # killed runs' temp directories, whole-size float GGUFs included
     # Quantize from a lossless float file: BF16 for bf16 sources, F32 otherwise.
     source_dtype = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")
@@ -116,7 +124,8 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             base_file.unlink()
         types = llamacpp.tensor_types(staged)
         fallbacks = llamacpp.k_quant_fallbacks(types, quant)
-        parity = _parity(ckpt.path, staged, quant, prompts, routed=routed_experts(ckpt.config) > 1)
+        with reference_options(reference):
+            parity = _parity(ckpt.path, staged, quant, prompts, routed=routed_experts(ckpt.config) > 1)
         stem = out.with_suffix("")
         report = {
             "artifact": out.name,

@@ -22,7 +22,8 @@ from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import onnx_export as ox
 from edgeconv.families.base import routed_experts
-from edgeconv.export.parity import PROMPTS, Parity, compare, gate, prompt_ids, torch_logits
+from edgeconv.export.parity import (PROMPTS, Parity, ReferenceOptions, compare, gate, prompt_ids, reference_options,
+                                   torch_logits)
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.output_dir import (atomic_output_dir, check_can_write, remove_stale_temps, sha256_file,
                                    stage_key, temp_path, write_manifest)
@@ -78,19 +79,22 @@ def _publish(ckpt: Checkpoint, out: Path, tmp: Path, kind: str, stage: str, prec
     return report
 
 
-def _reference(model_dir: Path, prompts: list[str]):
+def _reference(model_dir: Path, prompts: list[str], reference: ReferenceOptions | None):
     from transformers import AutoTokenizer
 
     ids = prompt_ids(AutoTokenizer.from_pretrained(model_dir), prompts)
-    return ids, torch_logits(model_dir, ids)
+    with reference_options(reference):
+        return ids, torch_logits(model_dir, ids)
 
 
 @guarded("out", "model")
 def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", *, force: bool = False,
-                prompts: list[str] = PROMPTS) -> OnnxExport:
-    """optimum-onnx export (fp32), then fp16 / dynamic int8 / int4 MatMulNBits, checked against torch."""
+                prompts: list[str] = PROMPTS, reference: ReferenceOptions | None = None) -> OnnxExport:
+    """optimum-onnx export (fp32), then fp16 / dynamic int8 / int4 MatMulNBits, checked against torch (run as
+    `reference` says: device, dtype, whole or layer by layer)."""
     if precision not in ox.PRECISIONS:
         raise EdgeconvError(f"unknown ONNX precision {precision!r}", f"use one of {', '.join(ox.PRECISIONS)}")
+    (reference or ReferenceOptions()).check()
     out = Path(out).absolute()
     _check_out(out, force)
     ckpt = Checkpoint.open(model)
@@ -103,7 +107,7 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", *, 
             ox.fix_tokenizer_inputs(tmp)
             conversion = ox.convert_precision(tmp / "model.onnx", precision)
             seconds = time.time() - t0
-            ids, reference = _reference(ckpt.path, prompts)
+            ids, reference = _reference(ckpt.path, prompts, reference)
             parity = compare(f"onnx:{precision}", reference, ox.onnx_logits(tmp / "model.onnx", ids), ids, routed=routed)
             extra = {"exporter": "optimum-onnx", "task": "text-generation-with-past",
                      "model_type": ox.model_type_of(ckpt.config), "routed": routed, "conversion": conversion,
@@ -116,7 +120,8 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", *, 
 
 @guarded("out", "model")
 def export_onnx_genai(model: str | Path, out: str | Path, precision: str = "int4", *, execution_provider: str = "cpu",
-                      force: bool = False, prompts: list[str] = PROMPTS) -> OnnxExport:
+                      force: bool = False, prompts: list[str] = PROMPTS,
+                      reference: ReferenceOptions | None = None) -> OnnxExport:
     """onnxruntime-genai's model builder on a dense student, then parity through onnxruntime-genai itself."""
     if precision not in ox.GENAI_PRECISIONS:
         raise EdgeconvError(f"unknown precision {precision!r} for onnx-genai",
@@ -124,6 +129,7 @@ def export_onnx_genai(model: str | Path, out: str | Path, precision: str = "int4
     if execution_provider not in ox.GENAI_PROVIDERS:
         raise EdgeconvError(f"unknown execution provider {execution_provider!r}",
                             f"use one of {', '.join(ox.GENAI_PROVIDERS)}")
+    (reference or ReferenceOptions()).check()
     out = Path(out).absolute()
     _check_out(out, force)
     ckpt = Checkpoint.open(model)
@@ -143,7 +149,7 @@ def export_onnx_genai(model: str | Path, out: str | Path, precision: str = "int4
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
             ox.fix_tokenizer_inputs(tmp)
-            ids, reference = _reference(ckpt.path, prompts)
+            ids, reference = _reference(ckpt.path, prompts, reference)
             artifact = ox.genai_logits(tmp, ids, execution_provider)
             parity = compare(f"onnx-genai:{precision}", reference, artifact, ids)
             extra = {"exporter": "onnxruntime_genai.models.builder", "execution_provider": execution_provider,

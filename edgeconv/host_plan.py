@@ -504,7 +504,7 @@ def plan_host(*, config: dict, family, path: Path, dense: dict, student_params: 
     student_work = work / "student.work"  # convert's own work directory (build converts into OUT.work/student)
     base = PROCESS_BYTES  # python, torch, transformers, the tokenizer: the build is one process
     # Calibration, the cache pass and the parity reference pick whole model or layer by layer with this rule.
-    from edgeconv.forward.layer_by_layer import ALLOWANCE, LOGITS_BYTES, SAFETY, ForwardOptions
+    from edgeconv.forward.layer_by_layer import ALLOWANCE, LOGITS_BYTES, ONE_PASS_ABOVE, SAFETY, ForwardOptions
 
     def whole_fits(weights: int, allowance: int, device: str) -> bool:
         return weights + allowance <= SAFETY * host.available(device)
@@ -587,7 +587,7 @@ def plan_host(*, config: dict, family, path: Path, dense: dict, student_params: 
     float_type = "BF16" if t.dtype == "bfloat16" else "F32"
     float_bytes = weight_bytes(student_shapes, "gguf", float_type) if fmt == "gguf" else 0
     whole = student_params * 4
-    if whole_fits(whole, ALLOWANCE, dev):
+    if whole <= ONE_PASS_ABOVE and whole_fits(whole, ALLOWANCE, dev):
         memory, how = base + whole, f"parity reference: the student whole in fp32 {gb(whole)}"
     else:
         memory = base + s_layer * (4 + sb) + 2 * t.head_params * 4

@@ -175,16 +175,18 @@ def reference_options(options: ReferenceOptions | None):
 
 
 def torch_logits(model_dir, token_ids: list[list[int]]) -> list[np.ndarray]:
-    """The torch model's float32 logits [len, V] for each prompt: the whole model when it fits in memory, else one
-    decoder layer at a time (edgeconv.forward), with the options of `reference_options` (logged: which, and why)."""
-    from edgeconv.forward.layer_by_layer import LayerByLayerModel, use_layer_by_layer
+    """The torch model's float32 logits [len, V] for each prompt: the whole model when it is small (ONE_PASS_ABOVE)
+    and fits in memory, else one decoder layer at a time (edgeconv.forward), with the options of
+    `reference_options` (logged: which, and why)."""
+    from edgeconv.forward.layer_by_layer import ONE_PASS_ABOVE, LayerByLayerModel, use_layer_by_layer
     from edgeconv.io.checkpoint import Checkpoint
 
     opts = _REFERENCE.get()
     device, dtype = opts.resolve()
     ckpt = Checkpoint.open(model_dir)
     try:
-        if use_layer_by_layer(ckpt, "parity reference", dtype, device, opts.layer_by_layer):
+        if use_layer_by_layer(ckpt, "parity reference", dtype, device, opts.layer_by_layer,
+                              one_pass_above=ONE_PASS_ABOVE):
             lbl = LayerByLayerModel(ckpt, device=device, dtype=dtype, batch_size=len(token_ids),
                                     max_activation_bytes=opts.max_activation_bytes)
             return lbl.full_logits(token_ids)

@@ -50,6 +50,7 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "floa
 LOGITS_BYTES = 256 * 1024**2  # logits made at once by the head (rows of a batch at a time)
 SAFETY = 0.7  # the share of the available memory a whole model may fill
 ALLOWANCE = 1024**3  # activations, loading transients and the rest of the process, next to the weights
+ONE_PASS_ABOVE = 1024**3  # work done in one pass (parity prompts) runs layer by layer above this many weight bytes
 
 
 @dataclass(frozen=True)
@@ -151,15 +152,24 @@ def available_bytes(device: torch.device, processes: int = 1) -> int:
 
 
 def use_layer_by_layer(ckpt: Checkpoint, what: str, dtype: torch.dtype, device: torch.device,
-                       layer_by_layer: bool | None = None, *, processes: int = 1, allowance: int = ALLOWANCE) -> bool:
+                       layer_by_layer: bool | None = None, *, processes: int = 1, allowance: int = ALLOWANCE,
+                       one_pass_above: int | None = None) -> bool:
     """Whether `what` runs layer by layer: as told (`layer_by_layer` True/False), else when the weights in `dtype`
-    plus `allowance` exceed SAFETY of the memory available. Logs the choice and why."""
+    plus `allowance` exceed SAFETY of the memory available. Logs the choice and why.
+
+    `one_pass_above`: for work that reads every weight once either way (the parity prompts fit one pass), layer
+    by layer costs nothing extra and holds one layer instead of the model, so it is chosen for any model whose
+    weights exceed this many bytes, whatever memory is free."""
     weights = weight_bytes(ckpt, dtype)
     model = f"model {human(weights)} in {dtype_name(dtype)}"
     if layer_by_layer is not None:
         how = "layer by layer" if layer_by_layer else "whole model"
         log.info(f"{what}: {how} (as asked: {'--layer-by-layer' if layer_by_layer else '--whole-model'}; {model})")
         return bool(layer_by_layer)
+    if one_pass_above is not None and weights > one_pass_above:
+        log.info(f"{what}: layer by layer ({model} > {human(one_pass_above)}; one pass reads every layer once "
+                 "either way, so only one layer is held)")
+        return True
     avail = available_bytes(device, processes)
     usable = int(SAFETY * avail)
     where = ("free on " + str(device) if device.type == "cuda"

@@ -8,7 +8,7 @@
    save_pretrained in bf16 (hidden 512, 32 experts of width 256, top-4, 8 layers, 8/2 heads of dim 64,
    vocab 8192 by default).
 2. Plain forward, in its own process: `AutoModelForCausalLM.from_pretrained(dtype=float32,
-   attn_implementation="eager")`, token ids from `edgeconv.calibration.data.token_sequences` (the very
+   attn_implementation="eager")`, token ids from `edgeconv.io.text_data.token_sequences` (the very
    function calibrate uses, so the ids are identical: their sha256 is checked against calibrate's manifest),
    then `model.model(input_ids=batch, use_cache=False)` under torch.no_grad over the same batches (no final
    norm or lm_head: calibration stops before them too). Timed: the whole process, and the forward loop alone.
@@ -182,7 +182,7 @@ def plain_forward(model_dir: str, data: str, tokens: int, seq_len: int, batch_si
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgeconv.calibration.data import token_sequences
+    from edgeconv.io.text_data import token_sequences
 
     t_import = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from edgeconv.calibration.stats import LayerStats
-from edgeconv.methods import SCORERS
+from edgeconv.planning.methods import SCORERS
 
 GOAL_S = 10.0
 

@@ -6,7 +6,7 @@ wheel was built with, and measures the same GGUF files at the same thread counts
 
   reference  llama-bench -m FILE -t T -p 0 -n 128 -r 5 -o json      (tg128: 128 single-token decodes from an
              empty cache in a 128-cell context; -fa 0 and -fa auto; -d D adds D tokens of depth first)
-  runner     python edgeconv/bundle/bench.py --model FILE --threads T --context 128 --prompt-lengths 1
+  runner     python edgeconv/device/runner.py --model FILE --threads T --context 128 --prompt-lengths 1
              --decode-tokens 127 --repeats 5 --no-accuracy      (same positions, same KV cache size; the timed
              region is llama_decode + llama_synchronize; --flash-attn for the auto comparison), and the same
              with bench.py's default context (2048) and 128 decodes, as a bundle runs it
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "_work"
 BUILD = llama_cpp_tools.BUILD
 AGREE = WORK / "agree"
-RUNNER = ROOT / "edgeconv" / "bundle" / "bench.py"
+RUNNER = ROOT / "edgeconv" / "device" / "runner.py"
 RESULTS = ROOT / "benchmarks" / "results" / "llama_bench_agreement.json"
 VERSION = llama_cpp_tools.VERSION
 CMAKE_FLAGS = llama_cpp_tools.CMAKE_FLAGS  # the wheel's flags (see llama_cpp_tools.py)

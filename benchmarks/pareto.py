@@ -51,10 +51,10 @@ def models(study: Path) -> list[tuple[str, str, Path]]:
 
 
 def upcycled(study: Path, log) -> list[tuple[str, str, Path, dict]]:
+    from edgeconv.config import DistillConfig
     from edgeconv.demo import DISTILL_DATA, demo_path
-    from edgeconv.distill.config import DistillConfig
-    from edgeconv.distill.stage import distill
-    from edgeconv.upcycle.stage import upcycle
+    from edgeconv.stages.distill import distill
+    from edgeconv.stages.upcycle import upcycle
 
     final = [json.loads(line) for line in (study / "final.jsonl").read_text().splitlines()]
     ref = next(r for r in final if r["kind"] == "dense-to-dense")
@@ -75,7 +75,7 @@ def upcycled(study: Path, log) -> list[tuple[str, str, Path, dict]]:
 
 
 def bench_one(label: str, kind: str, ckpt: Path, quant: str, threads: int, log) -> dict:
-    from edgeconv.benchmark import resolve, run_runner
+    from edgeconv.device.local_bench import resolve, run_runner
     from edgeconv.stages.export_gguf import export_gguf
 
     slug = label.replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "").replace("=", "")

@@ -128,7 +128,7 @@ def inspect(model, as_json):
     """
     if _is_stats_dir(model):
         return _inspect_stats(Path(model), as_json)
-    from edgeconv.model_info import inspect_model
+    from edgeconv.planning.model_info import inspect_model
 
     info = inspect_model(model)
     if as_json:
@@ -180,7 +180,7 @@ def plan(source, experts, groups, scoring, grouping, scaling, seed, model_path, 
     """
     if _is_stats_dir(source):
         from edgeconv.calibration.stats import CalibrationStats
-        from edgeconv.stats_planner import stats_plan
+        from edgeconv.planning.from_stats import stats_plan
 
         k = _int_option("--experts", experts)
         result = stats_plan(CalibrationStats.load(Path(source)), experts=k, groups=groups, scoring=scoring,
@@ -189,7 +189,7 @@ def plan(source, experts, groups, scoring, grouping, scaling, seed, model_path, 
     else:
         from edgeconv.families import family_for
         from edgeconv.io.checkpoint import Checkpoint
-        from edgeconv.simple_planner import simple_plan
+        from edgeconv.planning.calibration_free import simple_plan
 
         if experts is not None and experts.isdigit():
             raise EdgeconvError(
@@ -319,7 +319,7 @@ def _inspect_stats(path: Path, as_json: bool) -> None:
 @main.command()
 def methods():
     """List the registered scoring, grouping and scaling methods."""
-    from edgeconv.methods import GROUPINGS, SCALINGS, SCORERS
+    from edgeconv.planning.methods import GROUPINGS, SCALINGS, SCORERS
 
     for title, reg in (("scoring", SCORERS), ("grouping", GROUPINGS), ("scaling", SCALINGS)):
         out.print(f"[bold]{title}[/bold]")
@@ -363,7 +363,7 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
     distillation options are `edgeconv distill`'s defaults). Rerunning after an interruption skips the
     finished stages and resumes distillation from its last checkpoint.
     """
-    from edgeconv.pipeline import convert as run
+    from edgeconv.pipelines.convert import convert as run
 
     result = run(model, out_dir, data=data, tokens=tokens, seq_len=seq_len, experts=experts, groups=groups,
                  scoring=scoring, grouping=grouping, scaling=scaling, seed=seed, distill_tokens=distill_tokens,
@@ -409,7 +409,7 @@ def upcycle(dense, out_dir, runs, threshold, top_k, split, data, tokens, seed, f
       edgeconv upcycle demo-dense --out upcycled/                  runs chosen at --threshold 0.9
       edgeconv upcycle demo-dense --runs 3-4 --split 4 --out up/   layer 4's MLP as 4 experts, top-1
     """
-    from edgeconv.upcycle.stage import upcycle as run
+    from edgeconv.stages.upcycle import upcycle as run
 
     result = run(dense, out_dir, runs=runs, threshold=threshold, top_k=top_k, split=split, data=data,
                  tokens=tokens, seed=seed, force=force, log=console.print)
@@ -540,8 +540,8 @@ def sweep(model, out_dir, data, tokens, scoring, grouping, scaling, ks, groups, 
       edgeconv sweep demo-moe --out study/ --distill-tokens 262144 --distill-lr 1e-3 \\
           --dense demo-dense --results benchmarks/results/study
     """
-    from edgeconv.study.report import write_report
-    from edgeconv.study.sweep import sweep as run
+    from edgeconv.pipelines.sweep import sweep as run
+    from edgeconv.study.study_report import write_report
 
     result = run(model, out_dir, data=data, calibration_tokens=tokens, scorings=scoring, groupings=grouping,
                  scalings=scaling, ks=ks, groups=groups, seed=seed, eval_data=eval_data,
@@ -694,7 +694,7 @@ def distill(teacher, student, data, tokens, seq_len, batch_size, grad_accum, lr,
     --checkpoint-every steps: rerunning an interrupted command resumes where it stopped and ends with the
     same weights; rerunning a finished one does nothing. The same command runs on several processes under
     `torchrun` (CPUs or GPUs) or `accelerate launch --multi_gpu` (DDP; FSDP with an accelerate config, see
-    edgeconv/distill/fsdp_accelerate_config.yaml); the loss is the one-process loss.
+    edgeconv/training/fsdp_accelerate_config.yaml); the loss is the one-process loss.
 
     \b
     Examples:
@@ -704,8 +704,8 @@ def distill(teacher, student, data, tokens, seq_len, batch_size, grad_accum, lr,
       torchrun --nproc_per_node 4 -m edgeconv.cli distill --teacher moe/ --student dense/ \\
           --data text/ --tokens 50000000 --batch-size 32 --out distilled/
     """
-    from edgeconv.distill import DistillConfig
-    from edgeconv.distill import distill as run
+    from edgeconv.config import DistillConfig
+    from edgeconv.stages.distill import distill as run
 
     config = DistillConfig.make(tokens=tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                                 warmup=warmup, temperature=temperature, ce_weight=ce_weight, mode=mode, top_k=top_k,
@@ -814,11 +814,11 @@ def eval_(model, runtime, data, tokens, window, examples, choices, threads, devi
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
 def targets(as_json):
-    """The device profiles `build --target` knows (TOML files in edgeconv/targets/).
+    """The device profiles `build --target` knows (TOML files in targets/).
 
     --target also takes the path of your own .toml with the same fields.
     """
-    from edgeconv.target_profiles import ALIASES, all_targets
+    from edgeconv.device.profiles import ALIASES, all_targets
 
     profiles = all_targets()
     if as_json:
@@ -882,8 +882,8 @@ def build(model, target, out_dir, fmt, quant, groups, context, data, calibration
       edgeconv build my-moe/ --target phone --distill-tokens 0 --out dist/phone
     Then copy the bundle to the device and run its bench.py (see its README.md).
     """
-    from edgeconv.build import build as run
-    from edgeconv.build import headline, plan_build
+    from edgeconv.pipelines.build import build as run
+    from edgeconv.pipelines.build import headline, plan_build
 
     # The default (online) keeps the options a build recorded before --distill-mode existed: reruns stay up to date.
     distill_options = {"lr": distill_lr, **({"mode": "offline"} if distill_mode == "offline" else {})}
@@ -931,7 +931,7 @@ def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir
       edgeconv bench dist/demo-moe-laptop --expect-sha256 HASH
       edgeconv bench model-Q4_K_M.gguf --threads 4
     """
-    from edgeconv.benchmark import bench, comparison_rows
+    from edgeconv.device.local_bench import bench, comparison_rows
 
     results = bench(path, out_dir, teacher=teacher_model, with_teacher=with_teacher or bool(teacher_model),
                     threads=threads, quick=quick, eval_data=eval_data, expect_sha256=expect_sha256,

@@ -17,7 +17,7 @@ DEMO_MODELS = {
     "demo-dense": "dense Qwen3 with the teacher's total parameter count, trained on the same data and budget",
 }
 DEFAULT_MODEL = "demo-moe"
-EVAL_DATA = ASSETS / "eval"  # held-out text, skills and multiple choice (edgeconv.evaluation.data)
+EVAL_DATA = ASSETS / "eval"  # held-out text, skills and multiple choice (edgeconv.evaluation.eval_data)
 CALIBRATION_DATA = ASSETS / "calibration.jsonl"  # training-split text + skills, for calibrate/convert
 DISTILL_DATA = ASSETS / "distill.jsonl"  # more of the same (~330 k tokens), for `build`'s default distillation
 

@@ -57,7 +57,7 @@ def small_eval(tmp_path_factory):
     import json
 
     from edgeconv.demo import EVAL_DATA
-    from edgeconv.evaluation.data import EvalData
+    from edgeconv.evaluation.eval_data import EvalData
 
     out = tmp_path_factory.mktemp("small-eval")
     ev = EvalData.load(EVAL_DATA)

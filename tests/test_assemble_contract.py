@@ -12,10 +12,10 @@ import tiny
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import FAMILIES, family_for
 from edgeconv.io.checkpoint import Checkpoint, resolve_model_path
-from edgeconv.model_info import inspect_model
-from edgeconv.plan import Plan
+from edgeconv.planning.calibration_free import simple_plan
+from edgeconv.planning.model_info import inspect_model
+from edgeconv.planning.plan import Plan
 from edgeconv.registry import Registry
-from edgeconv.simple_planner import simple_plan
 from edgeconv.stages.assemble import assemble
 
 

@@ -1,4 +1,4 @@
-"""The standalone on-device runner (edgeconv/bundle/bench.py): the same accuracy numbers as edgeconv's own
+"""The standalone on-device runner (edgeconv/device/runner.py): the same accuracy numbers as edgeconv's own
 evaluation, hash verification before loading, and a run in an environment where only llama-cpp-python (and its
 own dependencies) can be imported."""
 
@@ -15,7 +15,7 @@ import tiny
 
 from edgeconv.evaluation.suite import evaluate
 
-RUNNER = Path(__file__).parents[1] / "edgeconv" / "bundle" / "bench.py"
+RUNNER = Path(__file__).parents[1] / "edgeconv" / "device" / "runner.py"
 SCHEMA_KEYS = {"schema", "label", "role", "target", "model", "device", "runtime", "load_s", "rss_after_load_mb",
                "peak_rss_mb", "speed", "decode_tok_s", "accuracy", "started", "seconds", "notes"}
 # Small enough for seconds per run: tiny model, two prompt lengths, few evaluation items.
@@ -29,7 +29,7 @@ def models(tmp_path_factory):
     """A tiny dense Qwen3 student and its F32 GGUF (head_dim 16, so onnxruntime-genai's CPU attention takes it;
     a 512-token context, so that multiple-choice items fit in onnxruntime-genai, which stops at the model's)."""
     from edgeconv.families import family_for
-    from edgeconv.simple_planner import simple_plan
+    from edgeconv.planning.calibration_free import simple_plan
     from edgeconv.stages.assemble import assemble
     from edgeconv.stages.export_gguf import export_gguf
 
@@ -149,7 +149,7 @@ def test_a_missing_or_truncated_file_is_refused(gguf_bundle, tmp_path):
 
 
 def test_verify_bundle_and_run_are_importable(gguf_bundle, tmp_path):
-    from edgeconv.bundle import bench as runner
+    from edgeconv.device import runner
 
     assert runner.verify_bundle(gguf_bundle) == []
     bundle = tampered_copy(gguf_bundle, tmp_path / "b")
@@ -219,7 +219,7 @@ def test_peak_rss_is_the_runners_own_not_its_parents():
     """ru_maxrss survives exec: a runner started by a 300 MB parent would report >= 300 MB. VmHWM does not."""
     ballast = bytearray(300 * 1024 * 1024)
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page
-    code = "from edgeconv.bundle.bench import peak_rss_mb; import resource; " \
+    code = "from edgeconv.device.runner import peak_rss_mb; import resource; " \
            "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     own, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                                check=True).stdout.split())

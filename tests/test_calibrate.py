@@ -7,11 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import tiny
-from edgeconv.calibration.data import token_sequences
 from edgeconv.calibration.moe_block import CalibratedMoeBlock
 from edgeconv.calibration.stats import CalibrationStats, LayerStats
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import Checkpoint
+from edgeconv.io.text_data import token_sequences
 from edgeconv.stages.calibrate import calibrate, load_tokenizer
 
 

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from edgeconv.cli import main
-from edgeconv.pipeline import convert
+from edgeconv.pipelines.convert import convert
 
 
 def test_convert_chains_distillation_and_reruns_as_a_no_op(tmp_path):

@@ -19,12 +19,12 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 import tiny
-from edgeconv.calibration import data as data_mod
-from edgeconv.calibration.data import iter_documents, token_sequences
 from edgeconv.cli import main
-from edgeconv.distill.data import pack_tokens
 from edgeconv.errors import EdgeconvError
+from edgeconv.io import text_data as data_mod
 from edgeconv.io import token_stream as ts
+from edgeconv.io.text_data import iter_documents, token_sequences
+from edgeconv.training.packing import pack_tokens
 
 
 # --- the reference: packing as it was before the token stream ----------------------------------------------------
@@ -149,7 +149,7 @@ def sources(root, docs):
 @pytest.fixture(scope="module")
 def student(teacher, root):
     from edgeconv.families import family_for
-    from edgeconv.simple_planner import simple_plan
+    from edgeconv.planning.calibration_free import simple_plan
     from edgeconv.stages.assemble import assemble
 
     out = root / "dense"
@@ -443,7 +443,7 @@ def test_bad_tables_are_refused_before_any_model_is_loaded(case, sources, tmp_pa
 
 def test_the_importance_matrix_reads_parquet_as_it_reads_jsonl(student, corpus, sources):
     pytest.importorskip("gguf")
-    from edgeconv.export.imatrix import compute_imatrix
+    from edgeconv.export.gguf.imatrix import compute_imatrix
 
     want = compute_imatrix(student, corpus, tokens=256, seq_len=32)
     got = compute_imatrix(student, sources["parquet"], tokens=256, seq_len=32)

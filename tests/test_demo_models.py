@@ -48,7 +48,7 @@ def test_inspect_without_argument_describes_the_demo_teacher():
 
 
 def test_teacher_routes_to_every_expert_on_held_out_data(tmp_path):
-    from edgeconv.evaluation.data import EvalData, held_out_mix
+    from edgeconv.evaluation.eval_data import EvalData, held_out_mix
     from edgeconv.stages.calibrate import calibrate
 
     # Shakespeare, Python docs and skills; 16k tokens of each text corpus, all skills
@@ -62,7 +62,7 @@ def test_teacher_routes_to_every_expert_on_held_out_data(tmp_path):
 
 def test_convert_with_defaults_on_the_shipped_teacher_gives_a_working_student(tmp_path):
     from edgeconv.evaluation.suite import evaluate
-    from edgeconv.pipeline import convert
+    from edgeconv.pipelines.convert import convert
 
     notes = []
     student = convert("demo-moe", tmp_path / "student", data=None, progress=False, log=notes.append).out

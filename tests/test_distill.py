@@ -19,16 +19,16 @@ from test_bad_inputs import assert_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeconv.cli import main
-from edgeconv.distill import DistillConfig, distill
-from edgeconv.distill import cache as cache_mod
-from edgeconv.distill.data import pack_tokens, sequence_order, step_rows
-from edgeconv.distill.losses import forward_kl, teacher_topk, topk_kl
-from edgeconv.distill.stage import work_dir
-from edgeconv.distill.trainer import KILL_AFTER_STEP
+from edgeconv.config import DistillConfig
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
-from edgeconv.simple_planner import simple_plan
+from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
+from edgeconv.stages.distill import distill, work_dir
+from edgeconv.training import teacher_cache as cache_mod
+from edgeconv.training.losses import forward_kl, teacher_topk, topk_kl
+from edgeconv.training.packing import pack_tokens, sequence_order, step_rows
+from edgeconv.training.trainer import KILL_AFTER_STEP
 
 # One small run shared by the CLI tests: 8 steps of 8 sequences of 32 tokens, two micro-batches per step, KL at
 # T = 2 mixed with a quarter of cross-entropy.

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from edgeconv.cli import main
 from edgeconv.demo import EVAL_DATA
 from edgeconv.errors import EdgeconvError
-from edgeconv.evaluation.data import EvalData, choice_items, write_eval_data
+from edgeconv.evaluation.eval_data import EvalData, choice_items, write_eval_data
 from edgeconv.evaluation.runtimes import Runtime, detect_runtime
 from edgeconv.evaluation.suite import choice_scores, evaluate, perplexity, solved
 
@@ -119,7 +119,7 @@ def test_eval_data_round_trip(tmp_path):
 def student(tmp_path_factory):
     """A tiny dense Qwen3 with a tokenizer, and its F32 GGUF."""
     from edgeconv.families import family_for
-    from edgeconv.simple_planner import simple_plan
+    from edgeconv.planning.calibration_free import simple_plan
     from edgeconv.stages.assemble import assemble
     from edgeconv.stages.export_gguf import export_gguf
 

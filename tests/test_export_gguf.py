@@ -13,7 +13,7 @@ from edgeconv.errors import EdgeconvError
 from edgeconv.export import parity as parity_mod
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.simple_planner import simple_plan
+from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
 from edgeconv.stages.export_gguf import export_gguf
 

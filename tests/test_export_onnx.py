@@ -15,9 +15,9 @@ import tiny
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import parity as parity_mod
-from edgeconv.export.onnx_export import GENAI_ARCHITECTURES, genai_logits, onnx_logits
+from edgeconv.export.onnx.exporter import GENAI_ARCHITECTURES, genai_logits, onnx_logits
 from edgeconv.families import family_for
-from edgeconv.simple_planner import simple_plan
+from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
 from edgeconv.stages.export_onnx import export_onnx, export_onnx_genai
 

@@ -9,13 +9,13 @@ import pytest
 import tiny
 from click.testing import CliRunner
 
-from edgeconv.build import plan_build
 from edgeconv.cli import main
+from edgeconv.device.host_plan import (ADAMW_BYTES_PER_PARAM, PROCESS_BYTES, Host, cache_bytes_per_token, measure,
+                                       teacher_shape)
+from edgeconv.device.memory_fit import tensor_shapes
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
-from edgeconv.host_plan import (ADAMW_BYTES_PER_PARAM, PROCESS_BYTES, Host, cache_bytes_per_token, measure,
-                                teacher_shape)
-from edgeconv.memory_fit import tensor_shapes
+from edgeconv.pipelines.build import plan_build
 
 BIG_HOST = Host("test cpu", 2, 10**13, 10**13)  # nothing is refused for memory
 
@@ -58,7 +58,7 @@ def test_cache_bytes_per_token_match_the_cache_format():
     assert cache_bytes_per_token(64, 151_936) == 64 * (2 + 4) + 4 == 388  # int32 ids
     assert cache_bytes_per_token(64, 4096) == 64 * (2 + 2) + 4 == 260  # uint16 ids
     assert cache_bytes_per_token(64, 65_536) == 260 and cache_bytes_per_token(64, 65_537) == 388
-    assert cache_bytes_per_token(64, 151_936) * 10**9 == 388 * 10**9  # 1 B tokens = 388 GB (DESIGN.md)
+    assert cache_bytes_per_token(64, 151_936) * 10**9 == 388 * 10**9  # 1 B tokens = 388 GB
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHS)

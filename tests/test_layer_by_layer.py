@@ -12,20 +12,21 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 import tiny
-from edgeconv.calibration import runner as runner_mod
 from edgeconv.cli import main
-from edgeconv.distill import DistillConfig, distill
-from edgeconv.distill import cache as cache_mod
-from edgeconv.distill.data import pack_tokens
-from edgeconv.distill.losses import teacher_topk
+from edgeconv.config import DistillConfig
 from edgeconv.evaluation.runtimes import TorchRuntime
 from edgeconv.evaluation.suite import evaluate
 from edgeconv.export.parity import ReferenceOptions, reference_options, torch_logits
 from edgeconv.families import family_for
+from edgeconv.forward import layer_runner as runner_mod
 from edgeconv.forward.layer_by_layer import ForwardOptions, LayerByLayerModel, use_layer_by_layer, weight_bytes
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.simple_planner import simple_plan
+from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
+from edgeconv.stages.distill import distill
+from edgeconv.training import teacher_cache as cache_mod
+from edgeconv.training.losses import teacher_topk
+from edgeconv.training.packing import pack_tokens
 
 from test_bad_inputs import assert_error
 

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import tiny
 from edgeconv.families import family_for
-from edgeconv.simple_planner import simple_plan
+from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
 
 KEEP = "ids:1,4,6"  # three experts, not the first ones, in every MoE layer

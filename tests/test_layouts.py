@@ -10,7 +10,7 @@ import tiny
 from edgeconv.families import family_for
 from edgeconv.families.layouts import dequantize_mxfp4
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.simple_planner import simple_plan
+from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
 
 

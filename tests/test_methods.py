@@ -7,9 +7,9 @@ import torch
 
 from edgeconv.calibration.stats import LayerStats
 from edgeconv.errors import EdgeconvError
-from edgeconv.methods import GROUPINGS, SCALINGS, SCORERS, merge_weights
-from edgeconv.methods.grouping import average_linkage
-from edgeconv.methods.scoring import greedy_logdet
+from edgeconv.planning.methods import GROUPINGS, SCALINGS, SCORERS, merge_weights
+from edgeconv.planning.methods.grouping import average_linkage
+from edgeconv.planning.methods.scoring import greedy_logdet
 
 
 def gen(seed=0):

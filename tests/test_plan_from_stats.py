@@ -12,9 +12,9 @@ from edgeconv.calibration.stats import CalibrationStats
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
 from edgeconv.families.ffn import Ffn, align_to, permuted, weighted_average
-from edgeconv.methods import GROUPINGS, SCALINGS, SCORERS
+from edgeconv.planning.from_stats import stats_plan
+from edgeconv.planning.methods import GROUPINGS, SCALINGS, SCORERS
 from edgeconv.stages.assemble import assemble
-from edgeconv.stats_planner import stats_plan
 
 from test_bad_inputs import assert_error
 

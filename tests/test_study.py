@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
+from edgeconv.pipelines.sweep import default_ks, sweep
 from edgeconv.study.finals import choose_finalists, compare
-from edgeconv.study.report import factor_effects, write_report
-from edgeconv.study.sweep import default_ks, sweep
+from edgeconv.study.study_report import factor_effects, write_report
 from edgeconv.study.variants import grid, parse_ks
 
 EVAL = {"examples": 0, "choices": 8}

@@ -8,8 +8,7 @@ import tiny
 from click.testing import CliRunner
 
 from edgeconv.cli import main
-from edgeconv.errors import EdgeconvError
-from edgeconv.memory_fit import (
+from edgeconv.device.memory_fit import (
     GGUF_BITS,
     Config,
     estimate,
@@ -18,7 +17,8 @@ from edgeconv.memory_fit import (
     tensor_shapes,
     weight_bytes,
 )
-from edgeconv.target_profiles import TARGETS, get_target, load_profile
+from edgeconv.device.profiles import TARGETS, get_target, load_profile
+from edgeconv.errors import EdgeconvError
 
 ISSUE_TARGETS = {"laptop": 16, "laptop-apple": 16, "jetson-orin-nano": 8, "jetson-agx-orin": 64, "android": 8,
                  "iphone": 6}
@@ -77,8 +77,8 @@ def test_weight_estimate_matches_the_tensors_llama_cpp_writes(tmp_path):
     """Per type, the estimate's weight bytes equal the bytes of the tensors in the exported GGUF."""
     import gguf
 
-    from edgeconv.export import llamacpp
-    from edgeconv.export.gguf_convert import write_gguf
+    from edgeconv.export.gguf import llamacpp
+    from edgeconv.export.gguf.writer import write_gguf
 
     # Widths that are multiples of 256, so no tensor falls back to another type.
     model = tiny.build_model("Qwen3MoeForCausalLM", seed=3, hidden_size=256, moe_intermediate_size=256, head_dim=64,

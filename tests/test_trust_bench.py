@@ -13,7 +13,7 @@ import pytest
 from test_bad_inputs import assert_error, run
 from test_bench_runner import FAST, bench, make_bundle, models  # noqa: F401  (models: the fixture, reused)
 
-from edgeconv.bundle import bench as runner
+from edgeconv.device import runner
 from edgeconv.errors import EdgeconvError
 
 QUICK_RUN = ["--threads", "1", "--prompt-lengths", "4", "--decode-tokens", "4", "--repeats", "1", "--no-accuracy"]
@@ -131,7 +131,7 @@ def test_a_wrong_manifest_hash_is_refused_before_any_process(bundle, tmp_path, n
 def test_the_printed_hash_runs_only_the_verified_bench_py(bundle, tmp_path):
     """One real run: build's headline names the hash; with it the bundle verifies and runs from the bytes that
     were hashed, in a private directory (a json.py left next to bench.py is not imported in place of json)."""
-    from edgeconv.build import headline
+    from edgeconv.pipelines.build import headline
 
     copy = copy_of(bundle, tmp_path / "b")
     marker = tmp_path / "MARKER"
@@ -308,7 +308,7 @@ TAMPERED = {
 
 @pytest.mark.parametrize("case", sorted(TAMPERED))
 def test_edgeconv_and_bench_py_find_the_same_problems(tmp_path, case):
-    from edgeconv.bundle import verify
+    from edgeconv.device import verify
 
     tamper, refused = TAMPERED[case]
     b = fake_bundle(tmp_path / "bundle", model_dir=case == "model dir")
@@ -324,10 +324,10 @@ def test_edgeconv_and_bench_py_find_the_same_problems(tmp_path, case):
 
 def test_the_runner_that_starts_is_the_bytes_that_were_hashed(tmp_path, monkeypatch):
     """bench.py replaced between the check and the start: the verified bytes run, from a private copy."""
-    from edgeconv import benchmark
+    from edgeconv.device import local_bench
 
     b = fake_bundle(tmp_path / "bundle")
-    target = benchmark.resolve(b)
+    target = local_bench.resolve(b)
     (b / "bench.py").write_text("raise SystemExit('swapped')\n")
     seen = {}
 
@@ -338,12 +338,12 @@ def test_the_runner_that_starts_is_the_bytes_that_were_hashed(tmp_path, monkeypa
         Path(cmd[cmd.index("--out") + 1]).write_text("{}")
         return SimpleNamespace(returncode=0, stdout="", stderr="")
 
-    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
-    benchmark.run_runner(target, tmp_path / "r.json", role="student", label="x", threads=1, quick=True,
-                         eval_data=None)
+    monkeypatch.setattr(local_bench.subprocess, "run", fake_run)
+    local_bench.run_runner(target, tmp_path / "r.json", role="student", label="x", threads=1, quick=True,
+                           eval_data=None)
     assert seen["bytes"] == Path(runner.__file__).read_bytes() and seen["runner"].parent != b
     assert seen["mode"] == 0o700 and not seen["runner"].exists()  # private, and removed after
     # a bundle target made by hand (not through resolve) is verified before it runs
     with pytest.raises(EdgeconvError, match="bench.py does not match manifest.json"):
-        benchmark.run_runner(benchmark.BenchTarget(b, True, "gguf", None, None), tmp_path / "r.json",
-                             role="student", label="x", threads=1, quick=True, eval_data=None)
+        local_bench.run_runner(local_bench.BenchTarget(b, True, "gguf", None, None), tmp_path / "r.json",
+                               role="student", label="x", threads=1, quick=True, eval_data=None)

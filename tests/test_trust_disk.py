@@ -164,7 +164,7 @@ def test_next_calibration_sweeps_a_killed_runs_spill(moe, corpus, tmp_path, live
 
 def test_sigterm_during_calibration_leaves_no_spill(moe, corpus, tmp_path):
     # Each layer's weights take a minute to "load": the run is inside the layer loop, spill mapped, when killed.
-    patch = ("import time\nimport edgeconv.calibration.runner as r\n_real = r._layer_weights\n"
+    patch = ("import time\nimport edgeconv.forward.layer_runner as r\n_real = r._layer_weights\n"
              "def _slow(*a, **k):\n    time.sleep(120)\n    return _real(*a, **k)\nr._layer_weights = _slow\n")
     proc = cli_subprocess("calibrate", moe, "--data", corpus, *CALIBRATE, "--max-activation-memory", "1KB",
                           "--out", tmp_path / "stats", patch=patch)
@@ -209,7 +209,7 @@ def test_export_to_a_full_disk_is_refused_before_writing(moe, mount_tmpfs, quant
 def test_disk_that_fills_during_the_export_is_one_line(moe, mount_tmpfs, monkeypatch, quant):
     """Past the check (another process took the space meanwhile): numpy's short write (no errno) while writing
     the float file, or llama.cpp's failed write while quantizing, end in the same one line."""
-    from edgeconv.export.gguf_convert import plan_gguf
+    from edgeconv.export.gguf.writer import plan_gguf
 
     monkeypatch.setattr("edgeconv.stages.export_gguf.check_free_space", lambda *a: None)
     plan = plan_gguf(moe, "F32")
@@ -224,7 +224,7 @@ def test_disk_that_fills_during_the_export_is_one_line(moe, mount_tmpfs, monkeyp
 
 
 def test_write_gguf_on_a_full_disk_leaves_no_partial_file(moe, mount_tmpfs):
-    from edgeconv.export.gguf_convert import write_gguf
+    from edgeconv.export.gguf.writer import write_gguf
 
     disk = mount_tmpfs(40 * 1024)
     with pytest.raises(EdgeconvError, match="not enough disk space") as err:
@@ -235,8 +235,8 @@ def test_write_gguf_on_a_full_disk_leaves_no_partial_file(moe, mount_tmpfs):
 
 def test_sizes_are_known_before_writing(moe, tmp_path):
     """The float file's size is exact; the quantized file's bound is an upper bound."""
-    from edgeconv.export import llamacpp
-    from edgeconv.export.gguf_convert import plan_gguf, write_gguf
+    from edgeconv.export.gguf import llamacpp
+    from edgeconv.export.gguf.writer import plan_gguf, write_gguf
 
     for ftype in ("F32", "F16"):
         plan = plan_gguf(moe, ftype)
@@ -252,8 +252,8 @@ def test_sizes_are_known_before_writing(moe, tmp_path):
 
 
 def test_quantize_failure_quotes_llama_cpps_log(moe, tmp_path):
-    from edgeconv.export import llamacpp
-    from edgeconv.export.gguf_convert import write_gguf
+    from edgeconv.export.gguf import llamacpp
+    from edgeconv.export.gguf.writer import write_gguf
 
     write_gguf(moe, tmp_path / "m.gguf", "F32")
     data = (tmp_path / "m.gguf").read_bytes()

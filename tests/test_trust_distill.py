@@ -18,13 +18,13 @@ import tiny
 import torch
 from test_distill import RUN, SUBPROCESS_ENV, cli_process, losses
 
-from edgeconv.distill import checkpoint
-from edgeconv.distill.stage import work_dir
-from edgeconv.distill.trainer import KILL_AFTER_STEP
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
-from edgeconv.simple_planner import simple_plan
+from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
+from edgeconv.stages.distill import work_dir
+from edgeconv.training import train_state
+from edgeconv.training.trainer import KILL_AFTER_STEP
 
 
 class Planted:
@@ -76,7 +76,7 @@ def test_checkpoint_is_safetensors_and_json_only(interrupted):
         "edgeconv_state.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
         "rng-0.json", "rng-0.safetensors", "scheduler.json"]
     state = json.loads((ckpt / "edgeconv_state.json").read_text())
-    assert state["step"] == 3 and state["format"] == checkpoint.FORMAT and state["processes"] == 1
+    assert state["step"] == 3 and state["format"] == train_state.FORMAT and state["processes"] == 1
     assert not list(work_dir(root / "out").rglob("*.pkl")) and not list(work_dir(root / "out").rglob("*.bin"))
 
 
@@ -129,14 +129,14 @@ def test_any_pickle_like_file_is_refused_before_anything_is_read(tmp_path, plant
     (ckpt / Path(planted).parent).mkdir(parents=True)
     marker = tmp_path / "MARKER"
     plant(ckpt / planted, marker)
-    (ckpt / checkpoint.STATE).write_text("not json")  # read only after the check
+    (ckpt / train_state.STATE).write_text("not json")  # read only after the check
     with pytest.raises(EdgeconvError, match=rf"holds {re.escape(planted)}, a pickle file.*delete .*checkpoints or pass --force"):
-        checkpoint.load(None, ckpt, "key", model=None, optimizer=None, scheduler=None)
+        train_state.load(None, ckpt, "key", model=None, optimizer=None, scheduler=None)
     assert not marker.exists()
 
 
 class OneProcess:
-    """What checkpoint.save/load use of accelerate's Accelerator, for one process on the CPU."""
+    """What train_state.save/load use of accelerate's Accelerator, for one process on the CPU."""
 
     is_main_process, process_index, num_processes, device = True, 0, 1, torch.device("cpu")
 
@@ -185,13 +185,13 @@ def train_steps(model, opt, sched, n: int) -> list:
 def test_saved_state_continues_bit_for_bit(tmp_path):
     model, opt, sched = trainer(0)
     train_steps(model, opt, sched, 3)
-    ckpt = checkpoint.save(OneProcess(), tmp_path, 3, "key", 2, model=model, optimizer=opt, scheduler=sched)
+    ckpt = train_state.save(OneProcess(), tmp_path, 3, "key", 2, model=model, optimizer=opt, scheduler=sched)
     assert {p.suffix for p in ckpt.iterdir()} == {".json", ".safetensors"}
     draws = train_steps(model, opt, sched, 3)
 
     again, opt2, sched2 = trainer(1)  # other weights, an empty AdamW state, the scheduler at step 0
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    assert checkpoint.load(OneProcess(), ckpt, "key", model=again, optimizer=opt2, scheduler=sched2) == 3
+    assert train_state.load(OneProcess(), ckpt, "key", model=again, optimizer=opt2, scheduler=sched2) == 3
     assert again.head.weight is again.embed.weight  # still tied
     assert train_steps(again, opt2, sched2, 3) == draws
     assert sched2.state_dict() == sched.state_dict() and opt2.param_groups[0]["betas"] == (0.8, 0.95)
@@ -201,13 +201,13 @@ def test_saved_state_continues_bit_for_bit(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
     with pytest.raises(EdgeconvError, match="belongs to another run"):
-        checkpoint.load(OneProcess(), ckpt, "other", model=again, optimizer=opt2, scheduler=sched2)
+        train_state.load(OneProcess(), ckpt, "other", model=again, optimizer=opt2, scheduler=sched2)
     (ckpt / "optimizer.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(EdgeconvError, match=r"step-00000003 is unreadable .*delete .* or pass --force"):
-        checkpoint.load(OneProcess(), ckpt, "key", model=again, optimizer=opt2, scheduler=sched2)
+        train_state.load(OneProcess(), ckpt, "key", model=again, optimizer=opt2, scheduler=sched2)
 
 
 def test_fsdp_checkpoints_are_refused_before_training():
     with pytest.raises(EdgeconvError, match=r"checkpoints under FSDP are not supported.*--checkpoint-every 40"):
-        checkpoint.check_supported(OneProcess("FSDP"), 40)
-    checkpoint.check_supported(OneProcess("MULTI_CPU"), 40)
+        train_state.check_supported(OneProcess("FSDP"), 40)
+    train_state.check_supported(OneProcess("MULTI_CPU"), 40)

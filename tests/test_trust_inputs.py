@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import tiny
-from edgeconv.calibration import data as data_mod
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
+from edgeconv.io import text_data as data_mod
 
 FAST = ("--tokens", "512", "--seq-len", "32", "--no-progress")
 NAN_TENSOR = "model.layers.1.mlp.experts.1.down_proj.weight"  # read by calibration and by a first:2 plan
@@ -90,7 +90,7 @@ def test_binary_data_is_refused_by_convert(teacher, binary_data, tmp_path):
 
 
 def test_binary_distill_data_is_refused_by_convert_before_calibration(teacher, corpus, tmp_path):
-    from edgeconv.pipeline import convert
+    from edgeconv.pipelines.convert import convert
 
     bad = tmp_path / "noise.txt"
     bad.write_bytes(_binary("random"))

@@ -11,9 +11,9 @@ import transformers as tf
 from transformers import AutoModelForCausalLM
 
 import tiny
+from edgeconv.dense2moe.redundancy import Run, measure, parse_runs, select_runs
 from edgeconv.errors import EdgeconvError
-from edgeconv.upcycle.redundancy import Run, measure, parse_runs, select_runs
-from edgeconv.upcycle.stage import upcycle
+from edgeconv.stages.upcycle import upcycle
 
 IDS = torch.tensor([[5, 17, 99, 3, 250, 7, 42, 8, 1, 300, 11, 12]])
 
@@ -142,7 +142,8 @@ def test_bad_inputs(tmp_path, corpus, qwen3_dir):
 
 def test_distill_the_upcycled_student(tmp_path, corpus):
     """The upcycle output is an MoE on purpose: distill accepts it (and still refuses other MoE students)."""
-    from edgeconv.distill import DistillConfig, distill
+    from edgeconv.config import DistillConfig
+    from edgeconv.stages.distill import distill
 
     _source(tmp_path / "src")
     upcycle(tmp_path / "src", tmp_path / "up", runs="1-2", data=corpus, tokens=512, seq_len=32)

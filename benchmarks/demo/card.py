@@ -59,7 +59,7 @@ def routing(work: Path) -> dict:
     Shakespeare, Python docs and skills."""
     from edgeconv.stages.calibrate import calibrate
 
-    from edgeconv.evaluation.data import EvalData, held_out_mix
+    from edgeconv.evaluation.eval_data import EvalData, held_out_mix
 
     docs = held_out_mix(EvalData.load(EVAL_DATA))
     text = work / "routing-data.jsonl"
@@ -104,7 +104,7 @@ def main() -> None:
     a = p.parse_args()
     work = a.workdir
     work.mkdir(parents=True, exist_ok=True)
-    from edgeconv.pipeline import convert
+    from edgeconv.pipelines.convert import convert
     from edgeconv.stages.export_gguf import export_gguf
 
     t = time.time()

@@ -85,7 +85,7 @@ def build_tokenizer(data: Path, out: Path) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from edgeconv.export.gguf_vocab import QWEN2_REGEX
+    from edgeconv.export.gguf.vocab import QWEN2_REGEX
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -353,7 +353,7 @@ def ship() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgeconv.evaluation.data import write_eval_data
+    from edgeconv.evaluation.eval_data import write_eval_data
 
     for kind, name in (("moe", "demo-moe"), ("dense", "demo-dense")):
         phases = [p for p in PHASES if (phase_dir(kind, p) / "final").exists()]

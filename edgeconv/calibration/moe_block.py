@@ -1,7 +1,7 @@
 """A MoE block computed from the weights in the files, as transformers computes it, whatever the on-disk layout.
 
 `RoutedMoeBlock` replaces the forward of the transformers MoE module of one layer when a model runs one layer at
-a time (edgeconv.calibration.runner): it routes, runs each routed expert on its tokens, adds the shared expert
+a time (edgeconv.forward.layer_runner): it routes, runs each routed expert on its tokens, adds the shared expert
 (gated, for Qwen2-MoE), and returns what the module would. The family adapter reads the experts, so per-expert,
 fused (transformers 5.x) and MXFP4 (GPT-OSS) checkpoints all work.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgeconv.evaluation.data import EvalData
+from edgeconv.evaluation.eval_data import EvalData
 
 TEXT = """task: edgeconv_text_{corpus}
 tag: [edgeconv]

@@ -207,7 +207,7 @@ class GgufRuntime(Runtime):
     name = "gguf"
 
     def __init__(self, path: Path, threads: int | None = None, n_ctx: int = 512):
-        from edgeconv.export.llamacpp import _llama_cpp
+        from edgeconv.export.gguf.llamacpp import _llama_cpp
 
         llama_cpp = _llama_cpp()
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
@@ -260,7 +260,7 @@ class OnnxRuntime(HfTokenized):
     name = "onnx"
 
     def __init__(self, path: Path, threads: int | None = None):
-        from edgeconv.export.onnx_export import onnx_session
+        from edgeconv.export.onnx.exporter import onnx_session
 
         model = path / "model.onnx" if path.is_dir() else path
         self.session = onnx_session(model)
@@ -268,7 +268,7 @@ class OnnxRuntime(HfTokenized):
         self.eos_id = self.tokenizer.eos_token_id
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        from edgeconv.export.onnx_export import onnx_logits
+        from edgeconv.export.onnx.exporter import onnx_logits
 
         return onnx_logits(self.session, [ids])[0]
 

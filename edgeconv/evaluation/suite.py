@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from edgeconv.evaluation.data import EvalData
+from edgeconv.evaluation.eval_data import EvalData
 from edgeconv.evaluation.runtimes import Runtime, open_runtime
 from edgeconv.progress import item_progress
 

@@ -1,1 +1,1 @@
-"""Exporters: GGUF for llama.cpp, ONNX for onnxruntime(-genai)."""
+"""Exporters: GGUF for llama.cpp (gguf/), ONNX for onnxruntime(-genai) (onnx/), and the parity gate both pass."""

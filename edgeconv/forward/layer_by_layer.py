@@ -1,6 +1,6 @@
 """Logits of any checkpoint with one decoder layer in memory at a time, and the choice between that and the whole model.
 
-`LayerByLayerModel(model, device=, dtype=)` runs edgeconv.calibration.runner's LayerRunner (the one layer-by-layer
+`LayerByLayerModel(model, device=, dtype=)` runs edgeconv.forward.layer_runner's LayerRunner (the one layer-by-layer
 runner: calibration uses it too) and adds the final norm and lm_head per piece, so logits are never held for all
 sequences at once (a 151,936 or 201,088-token vocabulary makes them the largest tensor of the run):
 
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from edgeconv.calibration.moe_block import RoutedMoeBlock
-from edgeconv.calibration.runner import LayerRunner
 from edgeconv.errors import EdgeconvError
 from edgeconv.families.base import FAMILIES, MoEFamily, routed_experts
+from edgeconv.forward.layer_runner import LayerRunner
 from edgeconv.io.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)

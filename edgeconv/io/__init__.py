@@ -1,1 +1,1 @@
-"""Reading and writing checkpoints without holding a whole model in memory."""
+"""Reading and writing checkpoints and text data without holding a whole model (or corpus) in memory."""

@@ -140,7 +140,7 @@ def open_stream(tokenizer, path: Path, min_tokens: int, cache_dir: Path | None =
                 batch_docs: int | None = None, what: str = "data") -> TokenStream:
     """The token stream of `path` holding at least `min_tokens` ids (fewer only when the data has no more:
     `complete`), reused from `cache_dir` when it is there, built (and left there) when not."""
-    from edgeconv.calibration.data import data_files, iter_documents
+    from edgeconv.io.text_data import data_files, iter_documents
 
     path = Path(path)
     batch_docs = batch_docs or BATCH_DOCS

@@ -24,7 +24,7 @@ from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import atomic_output_dir, check_can_write, finished_output, sha256_file, stage_key, write_manifest
 from edgeconv.io.safetensors_writer import ShardedWriter, TensorSpec
-from edgeconv.plan import LayerPlan, Plan, check_plan_fits
+from edgeconv.planning.plan import LayerPlan, Plan, check_plan_fits
 from edgeconv.progress import byte_progress
 
 STAGE = "assemble"

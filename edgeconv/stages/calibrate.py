@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from edgeconv.calibration.data import check_data, check_seq_len, token_sequences
 from edgeconv.calibration.moe_block import CalibratedMoeBlock
-from edgeconv.calibration.runner import run_layer_by_layer
 from edgeconv.calibration.stats import CalibrationStats, LayerStats
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.forward.layer_by_layer import dtype_name, resolve_device, resolve_dtype
+from edgeconv.forward.layer_runner import run_layer_by_layer
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import atomic_output_dir, check_can_write, finished_output, sha256_file, stage_key, write_manifest
+from edgeconv.io.text_data import check_data, check_seq_len, token_sequences
+from edgeconv.planning.calibration_free import model_ref
 from edgeconv.progress import token_progress
-from edgeconv.simple_planner import model_ref
 
 STAGE = "calibrate"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

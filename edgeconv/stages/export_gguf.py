@@ -17,13 +17,13 @@ from pathlib import Path
 
 from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
-from edgeconv.export import llamacpp
-from edgeconv.export.gguf_arch import gguf_arch_for
-from edgeconv.export.gguf_convert import (FLOAT_TYPES, check_free_space, disk_nearly_full, is_disk_full,
-                                          not_enough_space, plan_gguf)
-from edgeconv.families.base import routed_experts
+from edgeconv.export.gguf import llamacpp
+from edgeconv.export.gguf.arch import gguf_arch_for
+from edgeconv.export.gguf.writer import (FLOAT_TYPES, check_free_space, disk_nearly_full, is_disk_full,
+                                         not_enough_space, plan_gguf)
 from edgeconv.export.parity import (PROMPTS, Parity, ReferenceOptions, compare, gate, prompt_ids, reference_options,
                                    torch_logits)
+from edgeconv.families.base import routed_experts
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import remove_stale_temps, sha256_file, temp_path
@@ -82,7 +82,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     if imatrix_data is not None and quant in FLOAT_TYPES:
         raise EdgeconvError(f"--imatrix-data applies to quantized types, not {quant}", "drop it or pick e.g. Q4_K_M")
     if imatrix_data is not None:
-        from edgeconv.calibration.data import check_data
+        from edgeconv.io.text_data import check_data
 
         check_data(imatrix_data)  # not text, or missing: before the float GGUF is written
     remove_stale_temps(out)  # killed runs' temp directories, whole-size float GGUFs included
@@ -110,7 +110,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             plan.close()
             imatrix = None
             if imatrix_data is not None:
-                from edgeconv.export.imatrix import compute_imatrix
+                from edgeconv.export.gguf.imatrix import compute_imatrix
 
                 imatrix = compute_imatrix(ckpt.path, Path(imatrix_data), imatrix_tokens)
                 info["imatrix"] = {"data": str(imatrix_data), "tokens": imatrix_tokens, "tensors": len(imatrix)}

@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeconv.io.guard import guarded
 from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
-from edgeconv.export import onnx_export as ox
-from edgeconv.families.base import routed_experts
+from edgeconv.export.onnx import exporter as ox
 from edgeconv.export.parity import (PROMPTS, Parity, ReferenceOptions, compare, gate, prompt_ids, reference_options,
                                    torch_logits)
+from edgeconv.families.base import routed_experts
 from edgeconv.io.checkpoint import Checkpoint
+from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import (atomic_output_dir, check_can_write, remove_stale_temps, sha256_file,
                                    stage_key, temp_path, write_manifest)
 

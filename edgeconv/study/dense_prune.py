@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from edgeconv.io.guard import guarded
 from edgeconv.errors import EdgeconvError
 from edgeconv.families.base import looks_moe, routed_experts
 from edgeconv.io.checkpoint import Checkpoint
+from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import (
     atomic_output_dir,
     check_can_write,
@@ -178,7 +178,7 @@ def prune(
     key/value groups per layer. One of ffn_width / params is required."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from edgeconv.calibration.data import token_sequences
+    from edgeconv.io.text_data import token_sequences
     from edgeconv.stages.calibrate import load_tokenizer
 
     out = Path(out)

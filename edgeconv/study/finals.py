@@ -54,9 +54,9 @@ def run_finals(
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: None,
 ) -> tuple[list[dict], dict | None]:
-    from edgeconv.distill.config import DistillConfig
-    from edgeconv.distill.stage import distill
+    from edgeconv.config import DistillConfig
     from edgeconv.stages.assemble import assemble
+    from edgeconv.stages.distill import distill
 
     cfg = DistillConfig.make(tokens=distill_tokens, **distill_options)
     rows_path = out / ROWS
@@ -98,8 +98,8 @@ def run_finals(
 
 def _dense_baseline(model, out, dense, finalists, cfg, distill_data, eval_data, eval_options, prescreen_options,
                     done, keep, progress, log) -> dict | None:
-    from edgeconv.distill.stage import distill
     from edgeconv.io.checkpoint import resolve_model_path
+    from edgeconv.stages.distill import distill
     from edgeconv.study.dense_prune import prune
 
     dense = resolve_model_path(dense)  # a demo name or hub id -> its directory

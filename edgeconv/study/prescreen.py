@@ -17,9 +17,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from edgeconv.distill.metrics import read as read_rows  # the same tolerant JSONL reader
 from edgeconv.progress import item_progress
 from edgeconv.study.variants import Variant, plan_digest
+from edgeconv.training.metrics import read as read_rows  # the same tolerant JSONL reader
 
 ROWS = "prescreen.jsonl"
 
@@ -77,7 +77,7 @@ def prescreen(
     log: Callable[[str], None] = lambda msg: None,
 ) -> list[dict]:
     """Rows (one per variant, in grid order) with the student's pre-distillation metrics."""
-    from edgeconv.stats_planner import stats_plan
+    from edgeconv.planning.from_stats import stats_plan
 
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / ROWS

@@ -12,8 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 
 from edgeconv.errors import EdgeconvError
-from edgeconv.methods import GROUPINGS, SCALINGS, SCORERS
-from edgeconv.plan import Plan
+from edgeconv.planning.methods import GROUPINGS, SCALINGS, SCORERS
+from edgeconv.planning.plan import Plan
 
 PAPER_DEFAULT = {"scoring": "do-acp", "grouping": "none", "scaling": "cp"}  # with K = G = the router's top-k
 

@@ -1,0 +1,1 @@
+"""The device side: target profiles, memory fit, host planning, the on-device runner, bundle checks, local bench."""

@@ -1,0 +1,321 @@
+"""Write a HF checkpoint (dense student or MoE teacher) as an unquantized GGUF, one tensor at a time.
+
+Tensor infos are declared first (their shapes follow from the headers), then the data is streamed, so
+memory holds one tensor, or one layer's stacked experts. Quantized types are made from this file by
+llama.cpp's own quantizer (see `llamacpp.py`). `plan_gguf` declares everything first, so the file's exact size
+is known before a byte is written: writers check the free space against it and refuse in one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+
+from edgeconv.errors import EdgeconvError
+from edgeconv.export.gguf.arch import GgufArch, family_adapter, gguf_arch_for, permute_for_llama_rope
+from edgeconv.export.gguf.vocab import add_vocab
+from edgeconv.io.checkpoint import Checkpoint
+
+FLOAT_TYPES = {
+    "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+# Small tensors llama.cpp keeps in F32 whatever the file type (its converter does the same).
+KEEP_F32 = re.compile(r"(ffn_gate_inp(_shexp)?\.weight|attn_sinks\.weight|\.bias)$")
+
+
+@dataclass
+class Item:
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # torch (row-major) shape
+    produce: Callable[[], torch.Tensor]
+
+
+def _items(ckpt: Checkpoint, spec: GgufArch) -> list[Item]:
+    config = ckpt.config
+    tmap = gguf.get_tensor_name_map(spec.arch, int(config["num_hidden_layers"]))
+    family = family_adapter(config) if spec.moe else None
+    if family is not None and not spec.split_kv_b and len(family.moe_layers()) != family.num_layers:
+        dense = sorted(set(range(family.num_layers)) - set(family.moe_layers()))
+        raise EdgeconvError(
+            f"llama.cpp's {spec.name} needs every layer to be MoE, but layers {dense} of this checkpoint are dense",
+            "export it to ONNX instead, or convert it to a dense model first",
+        )
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    items: list[Item] = []
+    for name in ckpt.names():
+        m = LAYER.match(name)
+        if family is not None and m and family.owns(name, int(m.group(1))) and ".experts." in name:
+            continue  # stacked below
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if spec.stack_by_name and EXPERT.match(name):
+            continue  # stacked below
+        if name.endswith("mlp.gate.e_score_correction_bias"):  # the router's selection bias
+            items.append(Item(f"blk.{m.group(1)}.exp_probs_b.bias", ckpt.info(name).shape,
+                              lambda n=name: ckpt.read(n)))
+            continue
+        if spec.split_kv_b and name.endswith("kv_b_proj.weight"):
+            items.extend(_split_kv_b(ckpt, name, tmap))
+            continue
+        lookup = name + ".weight" if name.endswith("self_attn.sinks") else name  # GPT-OSS sinks have no suffix
+        gname = tmap.get_name(lookup, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise EdgeconvError(f"tensor {name} has no {spec.name} GGUF name", "this checkpoint layout is not supported for GGUF")
+        produce = lambda n=name: ckpt.read(n)  # noqa: E731
+        if spec.permute_qk and re.search(r"self_attn\.(q|k)_proj\.weight$", name):
+            n_head = heads if ".q_proj." in name else kv_heads
+            produce = lambda n=name, h=n_head: permute_for_llama_rope(ckpt.read(n), h)  # noqa: E731
+        items.append(Item(gname, ckpt.info(name).shape, produce))
+    if family is not None:
+        items.extend(_expert_items(ckpt, family, tmap))
+    if spec.stack_by_name:
+        items.extend(_experts_by_name(ckpt, tmap))
+    return items
+
+
+def _experts_by_name(ckpt: Checkpoint, tmap) -> list[Item]:
+    """ffn_{gate,up,down}_exps per layer, stacked from per-expert tensors mlp.experts.<e>.<proj>.weight."""
+    found: dict[tuple[int, str], dict[int, str]] = {}
+    for name in ckpt.names():
+        m = EXPERT.match(name)
+        if m:
+            found.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = name
+    items = []
+    for (layer, proj), by_expert in sorted(found.items()):
+        names = [by_expert[e] for e in sorted(by_expert)]
+        shape = (len(names), *ckpt.info(names[0]).shape)
+        gname = tmap.get_name(f"model.layers.{layer}.mlp.experts.{proj}_proj.weight", try_suffixes=(".weight",))
+        items.append(Item(gname, shape, lambda ns=names: torch.stack([ckpt.read(n) for n in ns])))
+    return items
+
+
+def _split_kv_b(ckpt: Checkpoint, name: str, tmap) -> list[Item]:
+    """MLA's kv_b_proj [heads * (nope + v), rank] as llama.cpp wants it: k_b [heads, rank, nope], v_b [heads, v, rank]."""
+    c = ckpt.config
+    heads, nope, v = int(c["num_attention_heads"]), int(c["qk_nope_head_dim"]), int(c["v_head_dim"])
+    rank = int(c["kv_lora_rank"])
+
+    def part(which: str) -> torch.Tensor:
+        kv_b = ckpt.read(name).view(heads, nope + v, rank)
+        k_b, v_b = torch.split(kv_b, [nope, v], dim=1)
+        return k_b.transpose(1, 2).contiguous() if which == "k" else v_b.contiguous()
+
+    return [
+        Item(tmap.get_name(name.replace("kv_b_proj", "k_b_proj"), try_suffixes=(".weight",)), (heads, rank, nope),
+             lambda: part("k")),
+        Item(tmap.get_name(name.replace("kv_b_proj", "v_b_proj"), try_suffixes=(".weight",)), (heads, v, rank),
+             lambda: part("v")),
+    ]
+
+
+def _expert_items(ckpt: Checkpoint, family, tmap) -> list[Item]:
+    """ffn_{gate,up,down}_exps per MoE layer: [E, I, H], [E, I, H], [E, H, I] (+ biases [E, I], [E, H] where
+    the family has them), each layer's experts read once and every part freed once written."""
+    items = []
+    hidden, width, n = family.hidden_size, family.expert_width, family.num_experts
+    parts = [("gate", "gate_proj", "weight", (n, width, hidden)), ("up", "up_proj", "weight", (n, width, hidden)),
+             ("down", "down_proj", "weight", (n, hidden, width))]
+    if family.has_ffn_bias:
+        parts += [("gate_bias", "gate_proj", "bias", (n, width)), ("up_bias", "up_proj", "bias", (n, width)),
+                  ("down_bias", "down_proj", "bias", (n, hidden))]
+    for layer in family.moe_layers():
+        cache: dict[str, torch.Tensor] = {}
+
+        def stacked(part: str, layer=layer, cache=cache) -> torch.Tensor:
+            if not cache:
+                experts = [family.read_expert(ckpt, layer, e) for e in range(n)]
+                cache.update({p: torch.stack([getattr(x, p) for x in experts]) for p, *_ in parts})
+            return cache.pop(part)  # each part is written once; popping frees it
+
+        for part, proj, kind, shape in parts:
+            gname = tmap.get_name(f"model.layers.{layer}.mlp.experts.{proj}.{kind}", try_suffixes=(f".{kind}",))
+            items.append(Item(gname, shape, lambda p=part, f=stacked: f(p)))
+    return items
+
+
+def _kept_f32(it: Item) -> bool:
+    return len(it.shape) == 1 or bool(KEEP_F32.search(it.name))
+
+
+def _encode(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.BF16:
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return t.to(torch.float16).contiguous().numpy()
+    return t.to(torch.float32).contiguous().numpy()
+
+
+@dataclass
+class GgufPlan:
+    """A float GGUF ready to write: metadata and tensor infos declared, its exact size known, no file opened."""
+
+    ckpt: Checkpoint
+    spec: GgufArch
+    writer: gguf.GGUFWriter
+    items: list[Item]
+    types: dict[str, gguf.GGMLQuantizationType]
+    ftype: str
+    pre_used: str | None
+    metadata_bytes: int  # header, key-values and tensor infos, padded to the data alignment
+    nbytes: int  # the whole file
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...], bool]]:
+        """(GGUF name, torch shape, kept in F32 whatever the file type) of every tensor, in file order."""
+        return [(it.name, tuple(it.shape), _kept_f32(it)) for it in self.items]
+
+    def write(self, out_path: Path) -> dict:
+        """Stream the tensors to `out_path`. On failure the partial file stays (the caller removes it, after
+        judging whether the disk filled up)."""
+        writer = self.writer
+        try:
+            writer.write_header_to_file(path=Path(out_path))
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for it in self.items:
+                data = it.produce()
+                if tuple(data.shape) != tuple(it.shape):
+                    raise RuntimeError(f"{it.name}: produced {tuple(data.shape)}, declared {it.shape}")
+                writer.write_tensor_data(_encode(data, self.types[it.name]))
+            writer.flush()
+        finally:
+            writer.close()
+        return {"architecture": self.spec.name, "tensors": len(self.items), "tokenizer_pre": self.pre_used,
+                "ftype": self.ftype}
+
+    def close(self) -> None:
+        self.writer.close()
+        self.ckpt.close()
+
+
+def _file_bytes(writer: gguf.GGUFWriter) -> tuple[int, int]:
+    """(metadata bytes, whole file bytes) of what `writer` declares, as its write_* methods will lay it out."""
+    align = writer.data_alignment
+    tensors = writer.tensors[0]
+    string = gguf.GGUFValueType.STRING
+    try:
+        kv = sum(len(writer._pack_val(k, string, add_vtype=False))
+                 + len(writer._pack_val(v.value, v.type, add_vtype=True, sub_type=v.sub_type))
+                 for k, v in writer.kv_data[0].items())
+        ti = sum(len(writer._pack_val(name, string, add_vtype=False)) + 4 + 8 * len(info.shape) + 4 + 8
+                 for name, info in tensors.items())
+    except Exception:  # gguf's private packing changed: a generous allowance instead of the exact count
+        kv, ti = 64 * 1024**2, 1024 * len(tensors)
+    metadata = gguf.GGUFWriter.ggml_pad(4 + 4 + 8 + 8 + kv + ti, align)
+    return metadata, metadata + sum(gguf.GGUFWriter.ggml_pad(info.nbytes, align) for info in tensors.values())
+
+
+def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None) -> GgufPlan:
+    """Declare `model_dir` as a GGUF of float type `ftype`: everything but the tensor data, which `write` streams."""
+    if ftype not in FLOAT_TYPES:
+        raise EdgeconvError(f"{ftype} is not a float GGUF type", f"use one of {', '.join(FLOAT_TYPES)}")
+    ckpt = Checkpoint.open(model_dir)
+    writer = None
+    try:
+        spec = gguf_arch_for(ckpt.config)
+        qtype, file_type = FLOAT_TYPES[ftype]
+        items = _items(ckpt, spec)
+        writer = gguf.GGUFWriter(None, spec.name)
+        writer.add_name(Path(model_dir).name)
+        writer.add_file_type(file_type)
+        spec.metadata(writer, ckpt.config)
+        pre_used = add_vocab(writer, ckpt.path, int(ckpt.config["vocab_size"]), pre)
+        types = {}
+        for it in items:
+            t = gguf.GGMLQuantizationType.F32 if _kept_f32(it) else qtype
+            types[it.name] = t
+            itemsize = 4 if t == gguf.GGMLQuantizationType.F32 else 2
+            np_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
+                        gguf.GGMLQuantizationType.BF16: np.uint16}[t]
+            writer.add_tensor_info(it.name, it.shape, np.dtype(np_dtype), int(np.prod(it.shape)) * itemsize,
+                                   raw_dtype=t if t == gguf.GGMLQuantizationType.BF16 else None)
+        metadata, nbytes = _file_bytes(writer)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        ckpt.close()
+        raise
+    return GgufPlan(ckpt, spec, writer, items, types, ftype, pre_used, metadata, nbytes)
+
+
+def write_gguf(model_dir: Path, out_path: Path, ftype: str = "F16", pre: str | None = None) -> dict:
+    """Write `model_dir` as a GGUF of float type `ftype` to `out_path`; returns what was written.
+
+    Refuses before writing when the disk lacks the file's (exactly known) size; a disk that fills up anyway
+    leaves no partial file and the same one-line error.
+    """
+    out_path = Path(out_path)
+    plan = plan_gguf(model_dir, ftype, pre)
+    try:
+        what = f"the {ftype} GGUF {out_path.name}"
+        check_free_space(out_path.parent, plan.nbytes, what)
+        try:
+            return plan.write(out_path)
+        except OSError as exc:
+            full = is_disk_full(exc, out_path.parent)
+            out_path.unlink(missing_ok=True)
+            if full:
+                raise not_enough_space(out_path.parent, plan.nbytes, what) from exc
+            raise
+    finally:
+        plan.close()
+
+
+# Disk space: every writer of a large file checks before it starts, and names the numbers when it cannot.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NEAR_FULL_BYTES = 64 * 1024**2  # after a failed write, less than this free means the write ran out of space
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def not_enough_space(directory: Path, needed: int, what: str, free: int | None = None) -> EdgeconvError:
+    free = free_bytes(directory) if free is None else free
+    return EdgeconvError(
+        f"not enough disk space in {directory} for {what}: it needs {needed:,} bytes ({_human(needed)}), "
+        f"{free:,} bytes ({_human(free)}) are free",
+        "free some space or choose an --out on a larger disk, then run the same command again",
+    )
+
+
+def check_free_space(directory: Path, needed: int, what: str) -> None:
+    """Refuse, before writing anything, when `directory`'s disk has less than `needed` bytes free."""
+    free = free_bytes(directory)
+    if free < needed:
+        raise not_enough_space(directory, needed, what, free)
+
+
+def is_disk_full(exc: OSError, directory: Path) -> bool:
+    """Whether a write into `directory` failed for want of space: by its errno, or (numpy's short writes raise
+    OSError without one) by the disk being practically full right after the failure."""
+    if exc.errno in DISK_FULL_ERRNOS:
+        return True
+    return exc.errno in (None, errno.EIO) and disk_nearly_full(directory)
+
+
+def disk_nearly_full(directory: Path) -> bool:
+    try:
+        return free_bytes(directory) < NEAR_FULL_BYTES
+    except OSError:
+        return False

@@ -1,0 +1,1 @@
+"""ONNX export for onnxruntime and onnxruntime-genai."""

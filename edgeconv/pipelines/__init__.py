@@ -1,0 +1,1 @@
+"""Pipelines that chain stages: convert (calibrate -> plan -> assemble), build (... -> bundle -> bench), sweep."""

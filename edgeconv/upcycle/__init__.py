@@ -1,1 +1,0 @@
-"""Dense2MoE: fuse runs of redundant layers of a dense model into MoE layers (`edgeconv upcycle`)."""

@@ -1,0 +1,1 @@
+"""Target device profiles (one TOML per device class) and their notes, shipped as package data."""

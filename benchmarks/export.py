@@ -124,7 +124,7 @@ def main() -> int:
     if not args.skip_onnx:
         for name, path in (("teacher", teacher), ("student", student)):
             out = work / "onnx" / f"{name}-fp32"
-            run = measured([*ec, "export", str(path), "--format", "onnx", "--precision", "fp32", "--out", str(out),
+            run = measured([*ec, "export", str(path), "--format", "onnx", "--quant", "fp32", "--out", str(out),
                             "--force"], work / f"export-onnx-{name}.log")
             entry = {"model": name, "precision": "fp32", "wall_s": run["wall_s"], "peak_rss_bytes": run["peak_rss_bytes"],
                      "returncode": run["returncode"]}

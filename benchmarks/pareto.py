@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -63,10 +65,10 @@ def upcycled(study: Path, log) -> list[tuple[str, str, Path, dict]]:
     out = []
     for label, options in UPCYCLES.items():
         base = WORK / label.replace(" ", "_").replace("=", "")
-        up = upcycle(demo_path("demo-dense"), base / "upcycled", **options, log=log)
+        up = upcycle(demo_path("demo-dense"), base / "upcycled", **options)
         log(f"{label}: runs {up.plan['fused_runs']}, {up.plan['layers']} layers, {up.plan['params']:,} params "
             f"({up.plan['active_params']:,} active)")
-        res = distill(demo_path("demo-dense"), base / "upcycled", DISTILL_DATA, base / "distilled", cfg, log=log)
+        res = distill(demo_path("demo-dense"), base / "upcycled", DISTILL_DATA, base / "distilled", cfg)
         out.append((label, "Dense2MoE", base / "distilled",
                     {"plan": {k: up.plan[k] for k in ("fused_runs", "layers", "params", "active_params",
                                                       "removed_attention_layers")},
@@ -186,6 +188,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     log = print
+    logging.getLogger("edgeconv").addHandler(logging.StreamHandler(sys.stdout))  # the library's progress lines
+    logging.getLogger("edgeconv").setLevel(logging.INFO)
     rows = []
     for label, kind, ckpt in models(args.study):
         rows.append(summarize(label, kind, bench_one(label, kind, ckpt, args.quant, args.threads, log)))

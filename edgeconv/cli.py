@@ -15,6 +15,9 @@ from rich.table import Table
 from edgeconv import __version__
 from edgeconv.demo import DEFAULT_MODEL
 from edgeconv.errors import EdgeconvError
+from edgeconv.quant import describe, listing
+
+BUILD_FORMATS = ("gguf", "onnx-genai")  # what a target profile can run (edgeconv.device.profiles)
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -73,9 +76,16 @@ def layer_by_layer_option(what: str, note: str = ""):
 
 
 class _ConsoleLog(logging.Handler):
-    """The library's notices (logging.getLogger("edgeconv...")), printed as plain lines on stderr."""
+    """The library's progress and notices (logging.getLogger("edgeconv...")), printed as plain lines on stderr.
+
+    Plain rather than rich's RichHandler: that one lays each record out in a table as wide as the terminal and
+    wraps long lines, and edgeconv's lines (paths, one-line errors) are meant to be read and grepped whole.
+    Under torchrun / accelerate every process runs the same code: progress (INFO) is printed by the main one only,
+    warnings by all."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno <= logging.INFO and not _is_main_process():
+            return
         console.print(self.format(record), markup=False, highlight=False)
 
 
@@ -368,7 +378,7 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
     result = run(model, out_dir, data=data, tokens=tokens, seq_len=seq_len, experts=experts, groups=groups,
                  scoring=scoring, grouping=grouping, scaling=scaling, seed=seed, distill_tokens=distill_tokens,
                  distill_data=distill_data, distill_options={"mode": distill_mode, "lr": distill_lr}, force=force,
-                 progress=not no_progress, log=console.print)
+                 progress=not no_progress)
     s = result.manifest["summary"]
     what = "distilled dense model" if result.distilled else "dense model"
     console.print(f"{what}: {result.out} ({s['dense_architecture']}, FFN width {s['dense_width']}, "
@@ -412,7 +422,7 @@ def upcycle(dense, out_dir, runs, threshold, top_k, split, data, tokens, seed, f
     from edgeconv.stages.upcycle import upcycle as run
 
     result = run(dense, out_dir, runs=runs, threshold=threshold, top_k=top_k, split=split, data=data,
-                 tokens=tokens, seed=seed, force=force, log=console.print)
+                 tokens=tokens, seed=seed, force=force)
     p = result.plan
     verb = "up to date" if result.skipped else "wrote"
     fig = p["figures"]
@@ -455,7 +465,7 @@ def prune(dense, out_dir, ffn_width, params, kv_heads, data, tokens, force):
     Example: the demo dense model pruned to the size of the default MoE-to-dense student
       edgeconv prune demo-dense --params student/ --out pruned/
     """
-    from edgeconv.study.dense_prune import prune as run
+    from edgeconv.stages.prune import prune as run
 
     target = None
     if params is not None:
@@ -547,24 +557,21 @@ def sweep(model, out_dir, data, tokens, scoring, grouping, scaling, ks, groups, 
                  scalings=scaling, ks=ks, groups=groups, seed=seed, eval_data=eval_data,
                  eval_options={"examples": prescreen_examples, "choices": prescreen_choices}, jobs=jobs,
                  threads=threads, distill_tokens=distill_tokens, top=top, distill_data=distill_data,
-                 distill_options={"lr": distill_lr}, dense=dense, keep=keep, progress=not no_progress,
-                 log=console.print)
+                 distill_options={"lr": distill_lr}, dense=dense, keep=keep, progress=not no_progress)
     written = write_report(result, results)
     out.print(written["markdown"])
     console.print(f"study: {', '.join(str(p) for p in written['files'])}")
 
 
-@main.command()
+@main.command(epilog="\b\nQuantizations (--quant), from edgeconv/quant.py:\n" + listing())
 @no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "onnx-genai"]), default="gguf", show_default=True,
               help="gguf: llama.cpp / Ollama file. onnx: optimum-onnx directory for onnxruntime (teachers and "
                    "students). onnx-genai: onnxruntime-genai model builder directory (dense students).")
-@click.option("--quant", default="Q4_K_M", show_default=True,
-              help="GGUF type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 (quantized by llama.cpp itself).")
-@click.option("--precision", default=None, metavar="fp32|fp16|int8|int4",
-              help="ONNX precision. onnx: fp32 (default), fp16, int8 (dynamic, MatMul weights QInt8), int4 "
-                   "(MatMulNBits, block 32, symmetric). onnx-genai: int4 (default), fp32, fp16.")
+@click.option("--quant", default=None, help="Quantization of the artifact (each type is listed below). " + describe())
+@click.option("--precision", default=None, hidden=True,
+              help="Deprecated: the old ONNX spelling of --quant (kept for scripts).")
 @click.option("--execution-provider", "provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="onnx-genai only: the execution provider the model is built for.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
@@ -595,16 +602,37 @@ def export(model, fmt, quant, precision, provider, out_path, tokenizer_pre, imat
     \b
     Examples:
       edgeconv export dense/ --format gguf --quant Q4_K_M --out dense-Q4_K_M.gguf
-      edgeconv export dense/ --format onnx --precision int8 --out dense-onnx-int8/
-      edgeconv export dense/ --format onnx-genai --precision int4 --execution-provider cpu --out dense-genai/
+      edgeconv export dense/ --format onnx --quant int8 --out dense-onnx-int8/
+      edgeconv export dense/ --format onnx-genai --quant int4 --execution-provider cpu --out dense-genai/
     """
     from edgeconv.export.parity import ReferenceOptions
 
+    quant = _export_quant(fmt, quant, precision)
     reference = ReferenceOptions(device=device, dtype=dtype, layer_by_layer=layer_by_layer)
     if fmt in ("onnx", "onnx-genai"):
-        return _export_onnx(model, fmt, precision, provider, out_path, force, reference)
+        _export_onnx(model, fmt, quant, provider, out_path, force, reference)
+    else:
+        _export_gguf(model, quant, out_path, tokenizer_pre, imatrix_data, imatrix_tokens, force, reference)
+    if precision is not None:  # after the result: a refused run prints its one error line only
+        console.print("[yellow]note:[/yellow] --precision is deprecated: spell it --quant")
+
+
+def _export_quant(fmt: str, quant: str | None, precision: str | None) -> str:
+    """--quant, or the deprecated --precision (ONNX only), or the format's default; checked against the table."""
+    from edgeconv.quant import default_quant, get_quant
+
     if precision is not None:
-        raise EdgeconvError("--precision is for ONNX exports", "for GGUF use --quant, e.g. --quant Q8_0")
+        if fmt == "gguf":
+            raise EdgeconvError("--precision is the old ONNX spelling of --quant",
+                                "for GGUF use --quant, e.g. --quant Q8_0")
+        if quant is not None and quant != precision:
+            raise EdgeconvError(f"--quant {quant} and --precision {precision} disagree",
+                                "--precision is the deprecated spelling of --quant: pass --quant alone")
+        quant = precision
+    return get_quant(fmt, quant or default_quant(fmt)).name
+
+
+def _export_gguf(model, quant, out_path, tokenizer_pre, imatrix_data, imatrix_tokens, force, reference):
     from edgeconv.stages.export_gguf import export_gguf
 
     result = export_gguf(model, out_path, quant, force=force, tokenizer_pre=tokenizer_pre, imatrix_data=imatrix_data,
@@ -620,16 +648,16 @@ def export(model, fmt, quant, precision, provider, out_path, tokenizer_pre, imat
                       f"(input width not a multiple of 256): {', '.join(result.fallbacks[:6])}...")
 
 
-def _export_onnx(model, fmt, precision, provider, out_path, force, reference):
+def _export_onnx(model, fmt, quant, provider, out_path, force, reference):
     from edgeconv.stages.export_onnx import export_onnx, export_onnx_genai
 
     if fmt == "onnx":
         if provider != "cpu":
             raise EdgeconvError("--execution-provider is for --format onnx-genai",
                                 "a --format onnx model runs on any onnxruntime provider as is")
-        result = export_onnx(model, out_path, precision or "fp32", force=force, reference=reference)
+        result = export_onnx(model, out_path, quant, force=force, reference=reference)
     else:
-        result = export_onnx_genai(model, out_path, precision or "int4", execution_provider=provider, force=force,
+        result = export_onnx_genai(model, out_path, quant, execution_provider=provider, force=force,
                                    reference=reference)
     p = result.parity
     console.print(f"wrote {result.path}: {result.info['precision']}, "
@@ -716,7 +744,7 @@ def distill(teacher, student, data, tokens, seq_len, batch_size, grad_accum, lr,
         data = CALIBRATION_DATA
     result = run(teacher, student, data, out_dir, config, teacher_cache=teacher_cache, cache_only=cache_only,
                  cache_forward=_forward_options(cache_device, cache_dtype, layer_by_layer, cache_chunk),
-                 force=force, progress=not no_progress, log=_main_log)
+                 force=force, progress=not no_progress)
     if not _is_main_process():
         return
     if result.cache:
@@ -736,11 +764,6 @@ def _is_main_process() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
-
-
-def _main_log(message: str) -> None:
-    if _is_main_process():
-        console.print(message)
 
 
 @main.command("eval")
@@ -841,9 +864,10 @@ def targets(as_json):
 @click.option("--target", "-t", required=True, help="Device profile (see `edgeconv targets`), alias, or a .toml file.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Bundle directory [default: dist/<model>-<target>]; stages work in OUT.work/.")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx-genai"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(BUILD_FORMATS), default=None,
               help="Artifact format [default: the target's first].")
-@click.option("--quant", default=None, help="GGUF type or ONNX precision [default: the target's].")
+@click.option("--quant", default=None,
+              help="Quantization [default: the target's]. " + describe(BUILD_FORMATS, defaults=False))
 @click.option("--groups", type=int, default=None, help="Expert groups per layer = FFN width [default: the router's top-k].")
 @click.option("--context", type=int, default=None, help="Context to reserve KV cache for [default: the target's].")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
@@ -895,7 +919,7 @@ def build(model, target, out_dir, fmt, quant, groups, context, data, calibration
         return
     result = run(plan, data=data, distill_data=distill_data, eval_data=eval_data,
                  calibration_tokens=calibration_tokens, distill_options=distill_options, threads=threads,
-                 force=force, progress=not no_progress, log=console.print)
+                 force=force, progress=not no_progress)
     out.print(headline(result))
 
 
@@ -934,8 +958,7 @@ def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir
     from edgeconv.device.local_bench import bench, comparison_rows
 
     results = bench(path, out_dir, teacher=teacher_model, with_teacher=with_teacher or bool(teacher_model),
-                    threads=threads, quick=quick, eval_data=eval_data, expect_sha256=expect_sha256,
-                    log=console.print)
+                    threads=threads, quick=quick, eval_data=eval_data, expect_sha256=expect_sha256)
     rows = [("", "student", "teacher" if "teacher" in results else "", "ratio" if "teacher" in results else "")]
     rows += comparison_rows(results)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

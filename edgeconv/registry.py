@@ -11,8 +11,10 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, ordered: bool = False):
+        """`ordered`: names() in registration order (a table's own order) instead of sorted."""
         self.kind = kind
+        self.ordered = ordered
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -37,7 +39,7 @@ class Registry(Generic[T]):
         )
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return list(self._entries) if self.ordered else sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

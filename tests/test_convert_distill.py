@@ -1,6 +1,7 @@
 """`convert --distill-tokens`: calibrate -> plan -> assemble -> distill in one resumable run."""
 
 import json
+import logging
 
 import tiny
 import torch
@@ -10,15 +11,16 @@ from edgeconv.cli import main
 from edgeconv.pipelines.convert import convert
 
 
-def test_convert_chains_distillation_and_reruns_as_a_no_op(tmp_path):
+def test_convert_chains_distillation_and_reruns_as_a_no_op(tmp_path, caplog):
     torch.set_num_threads(1)
+    caplog.set_level(logging.INFO, logger="edgeconv")
     teacher = tiny.add_tokenizer(tiny.save(tiny.build_model("Qwen3MoeForCausalLM", seed=3), tmp_path / "moe"))
     corpus = tiny.write_corpus(tmp_path / "corpus.jsonl", docs=200)
     out = tmp_path / "student"
     options = {"seq_len": 32, "batch_size": 8, "lr": 3e-3}
-    notes = []
     result = convert(teacher, out, data=corpus, tokens=2048, seq_len=64, distill_tokens=2048,
-                     distill_options=options, progress=False, log=notes.append)
+                     distill_options=options, progress=False)
+    notes = [r.getMessage() for r in caplog.records]
     assembled = tmp_path / "student.work" / "assembled"
     assert result.out == out and result.assembled.out == assembled
     assert json.loads((out / "manifest.json").read_text())["stage"] == "distill"
@@ -34,9 +36,10 @@ def test_convert_chains_distillation_and_reruns_as_a_no_op(tmp_path):
     a, d = weights(assembled), weights(out)
     assert a.keys() == d.keys() and any(not torch.equal(a[k].float(), d[k].float()) for k in a)
 
-    notes.clear()
+    caplog.clear()
     again = convert(teacher, out, data=corpus, tokens=2048, seq_len=64, distill_tokens=2048,
-                    distill_options=options, progress=False, log=notes.append)
+                    distill_options=options, progress=False)
+    notes = [r.getMessage() for r in caplog.records]
     assert again.distilled.skipped and sum("up to date" in n for n in notes) == 3
 
 

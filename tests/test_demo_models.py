@@ -1,6 +1,7 @@
 """The shipped demo models: small, bf16, the default MODEL, and usable end to end."""
 
 import json
+import logging
 import struct
 
 import pytest
@@ -60,12 +61,13 @@ def test_teacher_routes_to_every_expert_on_held_out_data(tmp_path):
         assert (layer.count / stats.data["tokens"]).min() >= 0.01
 
 
-def test_convert_with_defaults_on_the_shipped_teacher_gives_a_working_student(tmp_path):
+def test_convert_with_defaults_on_the_shipped_teacher_gives_a_working_student(tmp_path, caplog):
     from edgeconv.evaluation.suite import evaluate
     from edgeconv.pipelines.convert import convert
 
-    notes = []
-    student = convert("demo-moe", tmp_path / "student", data=None, progress=False, log=notes.append).out
+    caplog.set_level(logging.INFO, logger="edgeconv")
+    student = convert("demo-moe", tmp_path / "student", data=None, progress=False).out
+    notes = [r.getMessage() for r in caplog.records]
     assert any(str(CALIBRATION_DATA.name) in n for n in notes)  # says which text it calibrated on
     cfg = json.loads((student / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["intermediate_size"] == 2 * 256

@@ -12,11 +12,11 @@ import transformers as tf
 from transformers import AutoModelForCausalLM
 
 from edgeconv.errors import EdgeconvError
+from edgeconv.stages.prune import prune
 from edgeconv.study.dense_prune import (
     importance,
     keep_top,
     param_count,
-    prune,
     width_for_params,
 )
 

@@ -24,7 +24,7 @@ from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
-from edgeconv.stages.distill import distill, work_dir
+from edgeconv.stages.distill import distill, distill_work
 from edgeconv.training import teacher_cache as cache_mod
 from edgeconv.training.losses import forward_kl, teacher_topk, topk_kl
 from edgeconv.training.packing import pack_tokens, sequence_order, step_rows
@@ -160,7 +160,7 @@ def test_online_distillation_brings_the_student_closer_to_the_teacher(pair, tmp_
     assert {"tokenizer.json", "config.json", "model.safetensors", "manifest.json"} <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["dtype"] == "float32"
-    assert not work_dir(out).parent.exists()  # checkpoints and work directory gone after success
+    assert not distill_work(out).parent.exists()  # checkpoints and work directory gone after success
     again = distill(teacher, student, corpus, out, cfg, progress=False)
     assert again.skipped and again.manifest == result.manifest
 
@@ -228,7 +228,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(pair, uninterrupt
     args = ["--teacher", teacher, "--student", student, "--data", corpus, *RUN, "--out", out]
     killed = cli_process(*args, env={**SUBPROCESS_ENV, KILL_AFTER_STEP: "5"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    work = work_dir(out)
+    work = distill_work(out)
     assert not out.exists() and [p.name for p in (work / "checkpoints").iterdir()] == ["step-00000003"]
     assert len(losses(work)) == 5  # steps 4 and 5 were logged after the checkpoint, and are redone
 
@@ -262,7 +262,7 @@ def test_two_ddp_processes_match_one(pair, uninterrupted, tmp_path):
 def test_force_discards_another_runs_checkpoints(pair, tmp_path):
     teacher, student, corpus = pair
     out = tmp_path / "out"
-    stale = work_dir(out) / "checkpoints" / "step-00000003"
+    stale = distill_work(out) / "checkpoints" / "step-00000003"
     stale.mkdir(parents=True)
     (stale / "edgeconv_state.json").write_text(json.dumps({"step": 3, "run_key": "someone-else"}))
     cfg = DistillConfig(tokens=512, seq_len=32, batch_size=8)
@@ -323,4 +323,4 @@ def test_bad_inputs_fail_before_any_work(pair, bad_students, tmp_path, case, ext
     result = cli("--teacher", teacher, "--student", chosen, "--data", corpus, "--tokens", "1024", "--seq-len", "32",
                  "--batch-size", "8", *extra, "--no-progress", "--out", out)
     assert_error(result, *phrases)
-    assert not out.exists() and not work_dir(out).parent.exists()
+    assert not out.exists() and not distill_work(out).parent.exists()

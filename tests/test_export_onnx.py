@@ -201,7 +201,7 @@ def test_genai_refuses_what_the_builder_cannot_do(models, wide, tmp_path):
         export_onnx_genai(models["Qwen3MoeForCausalLM"], tmp_path / "b")
     with pytest.raises(EdgeconvError, match="multiple of 16"):
         export_onnx_genai(models["dense-Qwen3MoeForCausalLM"], tmp_path / "c")
-    with pytest.raises(EdgeconvError, match="unknown precision 'int8'"):
+    with pytest.raises(EdgeconvError, match="unknown onnx-genai quantization 'int8'"):
         export_onnx_genai(wide["Qwen3MoeForCausalLM"], tmp_path / "d", "int8")
     assert list(tmp_path.iterdir()) == []
 
@@ -246,7 +246,7 @@ def test_bad_export_inputs(models, tmp_path):
         return CliRunner().invoke(main, ["export", *map(str, args)])
 
     assert_error(run(src, "--format", "onnx", "--precision", "int3", "--out", tmp_path / "a"),
-                 "unknown ONNX precision", "fp32, fp16, int8, int4")
+                 "unknown ONNX quantization", "fp32, fp16, int8, int4")
     granite = tiny.add_tokenizer(tiny.save(_granite_moe(), tmp_path / "granite"))  # no ONNX config for it
     assert_error(run(granite, "--format", "onnx", "--out", tmp_path / "b"), "does not support GraniteMoeForCausalLM",
                  "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v2")
@@ -265,7 +265,7 @@ def test_bad_export_inputs(models, tmp_path):
 
 def test_cli_export_int8_then_refuses_to_overwrite_without_force(models, tmp_path):
     src = models["dense-Qwen2MoeForCausalLM"]
-    args = ["export", str(src), "--format", "onnx", "--precision", "int8", "--out", str(tmp_path / "o")]
+    args = ["export", str(src), "--format", "onnx", "--quant", "int8", "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, (result.output, result.exception)
     assert "perplexity ratio" in result.stderr

@@ -149,10 +149,9 @@ def test_layer_by_layer_cache_equals_the_whole_model_cache(pair, tmp_path, monke
     assert "teacher cache: whole model (as asked" in caplog.text
     # Memory "small": the automatic choice goes layer by layer; 3 sequences per pass -> 22 passes for 64 rows.
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1_000_000))
-    messages = []
     lbl_run = distill(teacher, student, corpus, tmp_path / "l", cfg, teacher_cache=tmp_path / "lbl",
-                      cache_only=True, progress=False, cache_forward=ForwardOptions(chunk_sequences=3),
-                      log=messages.append)
+                      cache_only=True, progress=False, cache_forward=ForwardOptions(chunk_sequences=3))
+    messages = [r.getMessage() for r in caplog.records]
     assert "teacher cache: layer by layer (model " in caplog.text
     assert any("in 22 layer-by-layer pass(es)" in m for m in messages), messages
     assert lbl_run.cache["key"] == whole_run.cache["key"]

@@ -9,7 +9,6 @@ from click.testing import CliRunner
 
 from edgeconv.cli import main
 from edgeconv.device.memory_fit import (
-    GGUF_BITS,
     Config,
     estimate,
     kv_cache_bytes,
@@ -19,6 +18,7 @@ from edgeconv.device.memory_fit import (
 )
 from edgeconv.device.profiles import TARGETS, get_target, load_profile
 from edgeconv.errors import EdgeconvError
+from edgeconv.quant import quant_names
 
 ISSUE_TARGETS = {"laptop": 16, "laptop-apple": 16, "jetson-orin-nano": 8, "jetson-agx-orin": 64, "android": 8,
                  "iphone": 6}
@@ -41,7 +41,7 @@ def test_the_six_profiles_load_with_the_issue_figures():
     assert get_target("android").usable_memory_gb == 3.5 and get_target("iphone").usable_memory_gb == 3.0
     for name in TARGETS:
         p = TARGETS.get(name)
-        assert p.quant in GGUF_BITS and p.threads > 0 and p.context >= 512 and "bench.py" in p.bench.command
+        assert p.quant in quant_names("gguf") and p.threads > 0 and p.context >= 512 and "bench.py" in p.bench.command
 
 
 def test_unknown_and_invalid_profiles_say_what_to_do(tmp_path):

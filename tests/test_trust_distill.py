@@ -22,7 +22,7 @@ from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
-from edgeconv.stages.distill import work_dir
+from edgeconv.stages.distill import distill_work
 from edgeconv.training import train_state
 from edgeconv.training.trainer import KILL_AFTER_STEP
 
@@ -71,18 +71,18 @@ def copy_of(interrupted, tmp_path: Path) -> tuple[Path, list]:
 
 def test_checkpoint_is_safetensors_and_json_only(interrupted):
     root, _ = interrupted
-    ckpt = work_dir(root / "out") / "checkpoints" / "step-00000003"
+    ckpt = distill_work(root / "out") / "checkpoints" / "step-00000003"
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "edgeconv_state.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
         "rng-0.json", "rng-0.safetensors", "scheduler.json"]
     state = json.loads((ckpt / "edgeconv_state.json").read_text())
     assert state["step"] == 3 and state["format"] == train_state.FORMAT and state["processes"] == 1
-    assert not list(work_dir(root / "out").rglob("*.pkl")) and not list(work_dir(root / "out").rglob("*.bin"))
+    assert not list(distill_work(root / "out").rglob("*.pkl")) and not list(distill_work(root / "out").rglob("*.bin"))
 
 
 def test_resume_refuses_a_planted_pickle_without_opening_it(interrupted, tmp_path):
     out, args = copy_of(interrupted, tmp_path)
-    ckpt = work_dir(out) / "checkpoints" / "step-00000003"
+    ckpt = distill_work(out) / "checkpoints" / "step-00000003"
     # The names accelerate's load_state read: custom_checkpoint_0.pkl (the registered LR scheduler) with
     # weights_only=False, random_states_0.pkl with torch's weights_only unpickler (accelerate 1.16).
     markers = [tmp_path / "MARKER-scheduler", tmp_path / "MARKER-rng"]
@@ -111,10 +111,10 @@ def test_two_processes_resume_from_their_own_rng_files(pair, tmp_path):
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     killed = cli_process(*args, env={**SUBPROCESS_ENV, KILL_AFTER_STEP: "5"}, launcher=torchrun)
     assert killed.returncode != 0
-    ckpt = work_dir(out) / "checkpoints" / "step-00000003"
+    ckpt = distill_work(out) / "checkpoints" / "step-00000003"
     assert {p.name for p in ckpt.iterdir()} >= {"rng-0.json", "rng-1.json", "rng-0.safetensors", "rng-1.safetensors"}
     assert {p.suffix for p in ckpt.iterdir()} == {".json", ".safetensors"}
-    before = losses(work_dir(out))
+    before = losses(distill_work(out))
     assert len(before) == 5  # steps 4 and 5 were logged after the checkpoint, and are redone
 
     resumed = cli_process(*args, launcher=torchrun)

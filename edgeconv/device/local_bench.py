@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeconv.device.verify import VerifiedBundle, verify_bundle
 from edgeconv.errors import EdgeconvError
 from edgeconv.io.output_dir import MANIFEST, read_manifest, sha256_file
+
+logger = logging.getLogger(__name__)
 
 RUNNER = Path(__file__).parent / "runner.py"
 
@@ -149,7 +152,7 @@ def _run(runner: Path, target: BenchTarget, out: Path, *, role: str, label: str,
     return json.loads(out.read_text())
 
 
-def teacher_gguf(teacher: str, quant: str, where: Path, log: Callable[[str], None]) -> Path:
+def teacher_gguf(teacher: str, quant: str, where: Path) -> Path:
     """The MoE teacher at the student's quantization, exported once (with its parity check) and reused."""
     from edgeconv.io.checkpoint import resolve_model_path
     from edgeconv.stages.export_gguf import export_gguf
@@ -158,14 +161,14 @@ def teacher_gguf(teacher: str, quant: str, where: Path, log: Callable[[str], Non
     path = where / f"{src.name}-{quant}.gguf"
     if path.is_file() and path.with_suffix(".parity.json").is_file():
         return path
-    log(f"exporting the teacher {src.name} to GGUF {quant} -> {path}")
+    logger.info(f"exporting the teacher {src.name} to GGUF {quant} -> {path}")
     export_gguf(src, path, quant, force=True)
     return path
 
 
 def bench(path: Path, out_dir: Path, *, teacher: str | None = None, with_teacher: bool = False,
           threads: int | None = None, quick: bool = False, eval_data: Path | None = None,
-          expect_sha256: str | None = None, log: Callable[[str], None] = print) -> dict:
+          expect_sha256: str | None = None) -> dict:
     """Measure the student (and the teacher): writes OUT/results-student.json [, results-teacher.json,
     comparison.json]; returns {"student": ..., "teacher": ...}. A bundle is verified first (EXPECT_SHA256: the
     hash of its manifest.json that `edgeconv build` printed), and refused before any process starts."""
@@ -173,9 +176,9 @@ def bench(path: Path, out_dir: Path, *, teacher: str | None = None, with_teacher
     out_dir = Path(out_dir)
     name = target.path.name if target.bundle else target.path.stem
     if target.verified:
-        log(f"verified {len(target.verified.manifest['files'])} files against manifest.json "
-            f"(sha256 {target.verified.manifest_sha256}{', as expected' if expect_sha256 else ''})")
-    log(f"bench {target.path} ({target.fmt} {target.quant or ''})")
+        logger.info(f"verified {len(target.verified.manifest['files'])} files against manifest.json "
+                    f"(sha256 {target.verified.manifest_sha256}{', as expected' if expect_sha256 else ''})")
+    logger.info(f"bench {target.path} ({target.fmt} {target.quant or ''})")
     student = run_runner(target, out_dir / "results-student.json", role="student", label=name, threads=threads,
                          quick=quick, eval_data=eval_data)
     results = {"student": student}
@@ -185,8 +188,8 @@ def bench(path: Path, out_dir: Path, *, teacher: str | None = None, with_teacher
             raise EdgeconvError(f"{path} does not say which teacher it came from", "pass --teacher MODEL")
         if target.fmt != "gguf" or not target.quant:
             raise EdgeconvError("--teacher compares GGUF files at one quantization", "bench a GGUF bundle or file")
-        gguf_path = teacher_gguf(teacher, target.quant, out_dir, log)
-        log(f"bench the teacher {gguf_path.name} with the same runner and settings")
+        gguf_path = teacher_gguf(teacher, target.quant, out_dir)
+        logger.info(f"bench the teacher {gguf_path.name} with the same runner and settings")
         results["teacher"] = run_runner(target, out_dir / "results-teacher.json", role="teacher",
                                         label=gguf_path.stem, threads=threads, quick=quick, eval_data=eval_data,
                                         model=gguf_path)

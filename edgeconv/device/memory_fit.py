@@ -14,14 +14,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 
-from edgeconv.errors import EdgeconvError
+from edgeconv.quant import get_quant, quants
 
-# Average bits per weight of 2-D tensors per GGUF type (llama.cpp block sizes; the _M mixes keep some
-# attn_v/ffn_down tensors one step up, which llama.cpp's own size reports put at these averages).
-GGUF_BITS = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K_M": 5.69,
-             "Q4_K_M": 4.85, "Q4_0": 4.5}
-# onnxruntime-genai: int4 is MatMulNBits with block 32 and an fp16 scale; int8 per-channel.
-ONNX_BITS = {"fp32": 32.0, "fp16": 16.0, "int8": 8.0, "int4": 4.5}
+# Bits per weight of each type: edgeconv.quant's table (QuantType.bits).
 OUTPUT_BITS_K_QUANT = 6.5625  # llama.cpp's _K_M mixes store output.weight in Q6_K
 RUNTIME_BASE_BYTES = 150_000_000  # the runtime library, the Python interpreter of bench.py, the tokenizer
 BATCH = 512  # llama.cpp's default n_ubatch: the compute buffer scales with it
@@ -35,12 +30,12 @@ class Config:
     groups: int  # dense FFN width = groups x expert width (+ shared)
     width: int
     fmt: str  # gguf | onnx-genai
-    quant: str  # GGUF type or ONNX precision
+    quant: str  # a name of edgeconv.quant's table for fmt
     context: int
 
     def flags(self) -> str:
-        q = "--quant" if self.fmt == "gguf" else "--precision"
-        return f"--groups {self.groups} {q} {self.quant} --context {self.context}"
+        """The `edgeconv build` options that choose this configuration (every format spells it --quant)."""
+        return f"--groups {self.groups} --quant {self.quant} --context {self.context}"
 
 
 @dataclass(frozen=True)
@@ -77,10 +72,7 @@ def gb(n: int) -> str:
 
 
 def bits_per_weight(fmt: str, quant: str) -> float:
-    table = GGUF_BITS if fmt == "gguf" else ONNX_BITS
-    if quant not in table:
-        raise EdgeconvError(f"unknown {fmt} quantization {quant!r}", f"use one of {', '.join(table)}")
-    return table[quant]
+    return get_quant(fmt, quant).bits
 
 
 PROBE_WIDTH = 7919  # a prime no other dimension equals: marks the FFN-width axes in one instantiation
@@ -115,7 +107,7 @@ def weight_bytes(shapes: dict[str, tuple[int, ...]], fmt: str, quant: str) -> in
         n = math.prod(shape)
         if len(shape) < 2:
             total += n * 4  # norms and biases stay F32 (GGUF) / fp32 (ONNX)
-        elif fmt == "gguf" and "lm_head" in name and "_K" in quant:
+        elif fmt == "gguf" and "lm_head" in name and get_quant(fmt, quant).k_quant:
             total += n * OUTPUT_BITS_K_QUANT / 8
         else:
             total += n * bits / 8
@@ -151,10 +143,14 @@ def estimate(config: dict, cand: Config, budget_bytes: int) -> Estimate:
 
 
 def quants_below(fmt: str, quant: str) -> list[str]:
-    """The candidate precisions from `quant` downwards (never up: the user's choice is an upper bound)."""
-    table = GGUF_BITS if fmt == "gguf" else ONNX_BITS
-    own = table[quant]
-    return sorted((q for q, b in table.items() if b <= own and q != "BF16"), key=lambda q: -table[q])
+    """The candidate types of `fmt` from `quant` downwards (never up: the user's choice is an upper bound), one
+    per size (the first in table order: F16, not BF16)."""
+    own = get_quant(fmt, quant).bits
+    seen: dict[float, str] = {}
+    for q in quants(fmt):
+        if q.bits <= own:
+            seen.setdefault(q.bits, q.name)
+    return [seen[b] for b in sorted(seen, reverse=True)]
 
 
 def largest_fit(config: dict, want: Config, expert_width: int, shared_width: int, budget_bytes: int,

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgeconv.errors import EdgeconvError
+from edgeconv.quant import LABELS, quant_names
 from edgeconv.registry import Registry
 
 PROFILE_DIR = resources.files("edgeconv.targets")  # targets/ at the repository root, shipped as package data
@@ -39,22 +40,30 @@ class TargetProfile(BaseModel):
     bandwidth_gb_s: float = Field(gt=0, description="memory bandwidth; bounds decode speed")
     accelerator: Literal["cpu", "cuda", "metal"]
     formats: list[Literal["gguf", "onnx-genai"]] = Field(min_length=1, description="supported; the first is the default")
+    # The field names stay `quant` and `onnx_precision` (the CLI spells both --quant): renaming them would break
+    # users' own profiles. Both are validated against edgeconv.quant's table.
     quant: str = Field(description="default GGUF quantization")
-    onnx_precision: Literal["fp32", "fp16", "int8", "int4"] = "int4"
+    onnx_precision: str = Field("int4", description="default onnxruntime-genai quantization")
     runtimes: list[Literal["llama.cpp", "onnxruntime-genai"]] = Field(min_length=1)
     threads: int = Field(gt=0)
     context: int = Field(ge=128, description="context length the plan reserves KV cache for")
     bench: BenchLaunch
     source: str = ""  # the file it was read from
 
+    @field_validator("quant")
+    @classmethod
+    def _gguf_quant(cls, value: str) -> str:
+        return _known("gguf", value)
+
+    @field_validator("onnx_precision")
+    @classmethod
+    def _genai_quant(cls, value: str) -> str:
+        return _known("onnx-genai", value)  # the target formats' ONNX flavour: onnxruntime-genai
+
     @model_validator(mode="after")
     def _consistent(self) -> TargetProfile:
-        from edgeconv.device.memory_fit import GGUF_BITS
-
         if self.usable_memory_gb > self.memory_gb:
             raise ValueError(f"usable_memory_gb {self.usable_memory_gb} exceeds memory_gb {self.memory_gb}")
-        if self.quant not in GGUF_BITS:
-            raise ValueError(f"quant {self.quant!r} is not one of {', '.join(GGUF_BITS)}")
         runtime_of = {"gguf": "llama.cpp", "onnx-genai": "onnxruntime-genai"}
         for fmt in self.formats:
             if runtime_of[fmt] not in self.runtimes:
@@ -64,6 +73,12 @@ class TargetProfile(BaseModel):
     @property
     def usable_bytes(self) -> int:
         return int(self.usable_memory_gb * 1e9)
+
+
+def _known(fmt: str, value: str) -> str:
+    if value not in quant_names(fmt):
+        raise ValueError(f"{value!r} is not a {LABELS[fmt]} quantization: use one of {', '.join(quant_names(fmt))}")
+    return value
 
 
 def load_profile(path: Path) -> TargetProfile:

@@ -1,4 +1,4 @@
-"""Parity of an exported artifact against the torch model it came from, with tolerances in one table.
+"""Parity of an exported artifact against the torch model it came from, with the tolerances of edgeconv.quant's table.
 
 Compared on a fixed prompt set: max |logit difference| (absolute, and relative to the largest |logit|),
 checked per position: a dense model must keep every position within tolerance; a routed (MoE) model may
@@ -25,29 +25,9 @@ import torch
 
 from edgeconv.errors import EdgeconvError
 from edgeconv.forward.layer_by_layer import ForwardOptions
+from edgeconv.quant import FORMATS, TABLE, Tolerance, get_quant
 
-# Tolerances per format and quantization. rel_diff: max |diff| / max |torch logit| (llama.cpp's and ORT's
-# kernels sum in another order: 1.5e-3 was seen at logits near 2.7 in F32). top1: agreement on decisive
-# positions, for float types only: quantized weights legitimately reorder close candidates (a random
-# benchmark teacher at Q4_K_M kept 49.5 % of its top-1s while its perplexity moved 3.6 %), so for them the
-# perplexity ratio is the check. ppl: |ppl_artifact / ppl_torch - 1|. None: not checked for that type.
-TOLERANCES: dict[str, dict[str, float | None]] = {
-    "gguf:F32": {"rel_diff": 1e-2, "top1": 0.99, "ppl": 0.01},
-    "gguf:F16": {"rel_diff": 3e-2, "top1": 0.99, "ppl": 0.01},
-    "gguf:BF16": {"rel_diff": 5e-2, "top1": 0.98, "ppl": 0.02},
-    "gguf:Q8_0": {"rel_diff": None, "top1": None, "ppl": 0.02},
-    "gguf:Q6_K": {"rel_diff": None, "top1": None, "ppl": 0.03},
-    "gguf:Q5_K_M": {"rel_diff": None, "top1": None, "ppl": 0.04},
-    "gguf:Q4_K_M": {"rel_diff": None, "top1": None, "ppl": 0.05},
-    "gguf:Q4_0": {"rel_diff": None, "top1": None, "ppl": 0.08},
-    "onnx:fp32": {"rel_diff": 1e-3, "top1": 0.99, "ppl": 0.005},
-    "onnx:fp16": {"rel_diff": 3e-2, "top1": 0.99, "ppl": 0.01},
-    "onnx:int8": {"rel_diff": None, "top1": None, "ppl": 0.05},
-    "onnx:int4": {"rel_diff": None, "top1": None, "ppl": 0.08},
-    "onnx-genai:fp32": {"rel_diff": 1e-3, "top1": 0.99, "ppl": 0.005},
-    "onnx-genai:fp16": {"rel_diff": 3e-2, "top1": 0.99, "ppl": 0.01},
-    "onnx-genai:int4": {"rel_diff": None, "top1": None, "ppl": 0.08},  # the same as onnx:int4
-}
+# The tolerance per format and quantization is edgeconv.quant's table (Tolerance: rel_diff, top1, ppl).
 
 ROUTED_OUTLIER_SHARE = 0.1
 # Top-1 agreement is counted where torch's top-1 leads the runner-up by more than this share of the largest
@@ -90,11 +70,17 @@ def _nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
     return float(torch.nn.functional.cross_entropy(x, target, reduction="sum")), len(ids) - 1
 
 
+def tolerance(kind: str) -> Tolerance:
+    """The tolerance of artifact type `kind` (FORMAT:QUANT, e.g. gguf:Q4_K_M) from edgeconv.quant's table."""
+    fmt, sep, name = kind.partition(":")
+    if not sep or fmt not in FORMATS:
+        raise EdgeconvError(f"no parity tolerance for {kind}", f"known: {', '.join(q.key for q in TABLE)}")
+    return get_quant(fmt, name).tolerance
+
+
 def compare(kind: str, reference: list[np.ndarray], artifact: list[np.ndarray], token_ids: list[list[int]],
             routed: bool = False) -> Parity:
-    if kind not in TOLERANCES:
-        raise EdgeconvError(f"no parity tolerance for {kind}", f"known: {', '.join(TOLERANCES)}")
-    tol = TOLERANCES[kind]
+    tol = asdict(tolerance(kind))
     max_diff = max(float(np.abs(r - a).max()) for r, a in zip(reference, artifact))
     max_logit = max(float(np.abs(r).max()) for r in reference)
     agree = decisive = 0

@@ -201,8 +201,8 @@ def stage_key(stage: str, inputs: dict, options: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def write_manifest(directory: Path, stage: str, key: str, inputs: dict, options: dict, files: dict, summary: dict) -> dict:
-    manifest = {
+def new_manifest(stage: str, key: str, inputs: dict, options: dict, files: dict, summary: dict) -> dict:
+    return {
         "edgeconv_version": __version__,
         "stage": stage,
         "key": key,
@@ -211,6 +211,10 @@ def write_manifest(directory: Path, stage: str, key: str, inputs: dict, options:
         "summary": summary,
         "files": {name: files[name] for name in sorted(files)},
     }
+
+
+def write_manifest(directory: Path, stage: str, key: str, inputs: dict, options: dict, files: dict, summary: dict) -> dict:
+    manifest = new_manifest(stage, key, inputs, options, files, summary)
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -1,4 +1,5 @@
-"""`edgeconv build`: convert -> distill -> export -> parity -> bundle [-> bench here], planned before any work.
+"""`edgeconv build`: convert's stages (calibrate -> plan -> assemble -> distill), then export + parity -> bundle
+[-> bench here]: one stage list (`build_stages`), planned before any work and run by edgeconv.stages.stage.
 
 The plan is made from config.json alone: the target profile, the student's shape and the memory estimate.
 If the student cannot fit the target, the build stops there and names the largest configuration that fits.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,20 +19,13 @@ from edgeconv.device.profiles import TargetProfile, get_target
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import resolve_model_path
-from edgeconv.io.guard import check_not_an_input, guard_output
-from edgeconv.io.output_dir import (
-    atomic_output_dir,
-    as_record,
-    check_out_early,
-    claim_work,
-    finished_output,
-    read_manifest,
-    read_work_record,
-    sha256_file,
-    stage_key,
-)
+from edgeconv.io.guard import check_not_an_input, guard_output, work_dir
+from edgeconv.io.output_dir import as_record, check_out_early, claim_work, read_work_record, sha256_file
+from edgeconv.quant import get_quant
+from edgeconv.stages.export import parity_line
 
 DEFAULT_DISTILL_TOKENS = 262_144  # about 3 minutes on the demo student on 2 CPU cores
+CONVERT_STAGES = 3  # calibrate, plan, assemble (+ distill): the part of the list that is `edgeconv convert`
 
 
 @dataclass
@@ -46,9 +39,12 @@ class BuildPlan:
     out: Path
     work: Path
     distill_tokens: int
-    stages: list[tuple[str, Path, str]] = field(default_factory=list)  # (name, where, what)
+    stages: list = field(default_factory=list)  # the stages that run (build_stages), edgeconv.stages.stage.Stage
     distill_mode: str = "online"
     host: HostPlan | None = None  # what the build needs on this machine (edgeconv.device.host_plan)
+    bench: bool = True  # bench.py runs here after bundling
+    distill_options: dict | None = None
+    calibration_tokens: int = 65536
 
     def render(self) -> str:
         t, e = self.target, self.estimate
@@ -59,10 +55,12 @@ class BuildPlan:
             f"  student     {e.params / 1e6:,.2f} M parameters (FFN width {self.candidate.width} = "
             f"{self.candidate.groups} groups), {self.fmt} {self.candidate.quant}, context {self.candidate.context}",
             f"  memory      {e.breakdown()}: {'fits' if e.fits else 'DOES NOT FIT'}",
-            "  stages",
+            f"  stages      (1-{CONVERT_STAGES + bool(self.distill_tokens)}: convert, the student in "
+            f"{self.work / 'student'})",
         ]
-        for i, (name, where, what) in enumerate(self.stages, 1):
-            lines.append(f"    {i}. {name:<8} {what} -> {where}")
+        from edgeconv.stages.stage import describe_stages
+
+        lines += describe_stages(self.stages)
         if self.host is not None:
             lines += self.host.lines()
         return "\n".join(lines)
@@ -88,7 +86,9 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
     if fmt not in profile.formats:
         raise EdgeconvError(f"target {profile.name} runs {', '.join(profile.formats)}, not {fmt}",
                             f"drop --format or pick one of {', '.join(profile.formats)}")
-    quant = quant or (profile.quant if fmt == "gguf" else profile.onnx_precision)
+    # Checked against edgeconv.quant's table for this format now, before any work (--dry-run included): a name
+    # the format's exporter does not have (onnx-genai int8) is refused with the names it has.
+    quant = get_quant(fmt, quant or (profile.quant if fmt == "gguf" else profile.onnx_precision)).name
     groups = groups or family.top_k
     if groups < 1 or groups > family.num_experts:
         raise EdgeconvError(f"--groups {groups} is outside 1..{family.num_experts} (the model's experts)",
@@ -105,7 +105,7 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
                 "nothing fits: not even one expert group at the lowest precision and 512 tokens of context")
         raise EdgeconvError(f"{name} does not fit {profile.name}: {est.breakdown()}", hint)
     out = Path(out or Path("dist") / f"{name}-{profile.name}").absolute()
-    work = out.parent / f"{out.name}.work"
+    work = work_dir(out)
     check_not_an_input(out, {"model": path}, work=work)  # the dry run says so too
     distill_config = None
     if distill_tokens:
@@ -113,19 +113,9 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
 
         distill_config = DistillConfig.make(tokens=distill_tokens, **(distill_options or {}))
     mode = distill_config.mode if distill_config else "online"
-    plan = BuildPlan(path, name, profile, fmt, cand, est, out, work, distill_tokens, distill_mode=mode)
-    how = (f"offline: the teacher's top-{distill_config.top_k} log-probs cached first, then the student alone"
-           if mode == "offline" else "online: the teacher runs every step")
-    plan.stages = [
-        ("convert", work / "student", f"calibrate, plan and assemble {groups} expert groups per layer"),
-        ("distill", work / "student", f"{distill_tokens:,} tokens from the teacher ({how})" if distill_tokens
-         else "skipped (--distill-tokens 0)"),
-        ("export", work / "export", f"{fmt} {quant}"),
-        ("parity", work / "export", "artifact logits vs the torch student, within the tolerance of " + quant),
-        ("bundle", out, "model, bench.py, eval data, Modelfile, README, manifest with sha256"),
-    ]
-    if bench:
-        plan.stages.append(("bench", work / "bench" / "results.json", "bench.py --quick here, on this machine"))
+    plan = BuildPlan(path, name, profile, fmt, cand, est, out, work, distill_tokens, distill_mode=mode, bench=bench,
+                     distill_options=distill_options, calibration_tokens=calibration_tokens)
+    plan.stages = build_stages(plan, eval_data=eval_data)
     from edgeconv.demo import EVAL_DATA
 
     plan.host = plan_host(config=config, family=family, path=path, dense=dense, student_params=est.params,
@@ -136,6 +126,42 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
                           host=host)
     plan.host.check()  # memory or disk this host cannot give: refused now, --dry-run included
     return plan
+
+
+def build_stages(plan: BuildPlan, *, data: Path | None = None, distill_data: Path | None = None,
+                 eval_data: Path | None = None, calibration_tokens: int | None = None,
+                 distill_options: dict | None = None, threads: int | None = None, progress: bool = True,
+                 owned: bool = False) -> list:
+    """Every stage the build runs, in order: what --dry-run prints and what build() runs. The student is a
+    convert into OUT.work/student (its statistics and plan in OUT.work/student.work)."""
+    from edgeconv.demo import EVAL_DATA
+    from edgeconv.pipelines.convert import convert_stages
+    from edgeconv.stages.bench import BenchStage
+    from edgeconv.stages.bundle import BundleStage
+    from edgeconv.stages.export import ExportStage
+
+    student = plan.work / "student"
+    distill_config = None
+    if plan.distill_tokens:
+        from edgeconv.config import DistillConfig
+
+        options = plan.distill_options if distill_options is None else distill_options
+        distill_config = DistillConfig.make(tokens=plan.distill_tokens, **(options or {}))
+    tokens = plan.calibration_tokens if calibration_tokens is None else calibration_tokens
+    stages = convert_stages(plan.model, student, data=data, tokens=tokens, groups=plan.candidate.groups,
+                            distill_config=distill_config, distill_data=distill_data, progress=progress)
+    export = ExportStage(student, plan.work / "export", name=f"{plan.name}-dense", fmt=plan.fmt,
+                         quant=plan.candidate.quant)
+    stages += [
+        export,
+        BundleStage(plan.out, name=f"{plan.name}-dense", export=export.out, artifact=export.artifact, fmt=plan.fmt,
+                    quant=plan.candidate.quant, target=plan.target, estimate=plan.estimate,
+                    eval_data=Path(eval_data or EVAL_DATA), teacher=str(plan.model), student=student, replace=owned),
+    ]
+    if plan.bench:
+        stages.append(BenchStage(plan.work / "bench", bundle=plan.out, label=f"{plan.name}-dense ({plan.target.name})",
+                                 target=plan.target.name, threads=threads))
+    return stages
 
 
 @dataclass
@@ -150,9 +176,11 @@ class BuildResult:
 
 def build(plan: BuildPlan, *, data: Path | None = None, distill_data: Path | None = None,
           eval_data: Path | None = None, calibration_tokens: int = 65536, distill_options: dict | None = None,
-          threads: int | None = None, force: bool = False, progress: bool = True,
-          log: Callable[[str], None] = print) -> BuildResult:
+          threads: int | None = None, force: bool = False, progress: bool = True) -> BuildResult:
     from edgeconv.demo import DISTILL_DATA, is_demo
+    from edgeconv.pipelines.convert import check_convert
+    from edgeconv.stages.stage import run_pipeline
+    from edgeconv.stages.bench import bench_results
 
     t0 = time.time()
     if plan.distill_tokens and distill_data is None:
@@ -171,106 +199,27 @@ def build(plan: BuildPlan, *, data: Path | None = None, distill_data: Path | Non
             "eval_data": Path(eval_data).absolute() if eval_data else None,
             "calibration_tokens": calibration_tokens, "distill_options": distill_options})
         # The bundle is this build's own when the work directory records the same build: a rerun may replace
-        # it (a new edgeconv's bench.py changes its key). Any other bundle is refused now, not at stage 5.
+        # it (a new edgeconv's bench.py changes its key). Any other bundle is refused now, not at its stage.
         owned = read_work_record(plan.work, "build") == record
         check_out_early(plan.out, force, ("bundle",) if owned else ())
         claim_work(plan.work, "build", record, force)
-        return _build(plan, t0, data, distill_data, eval_data, calibration_tokens, distill_options, threads,
-                      force, owned, progress, log)
-
-
-def _build(plan: BuildPlan, t0: float, data, distill_data, eval_data, calibration_tokens, distill_options,
-           threads, force, owned, progress, log) -> BuildResult:
-    from edgeconv.demo import EVAL_DATA
-    from edgeconv.pipelines.convert import convert
-    from edgeconv.stages.bundle import write_bundle
-
-    n = len(plan.stages)
-    student = plan.work / "student"
-    log(f"[1-2/{n}] convert{' + distill' if plan.distill_tokens else ''} -> {student}")
-    convert(plan.model, student, data=data, tokens=calibration_tokens, groups=plan.candidate.groups,
-            distill_tokens=plan.distill_tokens, distill_data=distill_data, distill_options=distill_options,
-            force=force, progress=progress, log=lambda m: log("      " + m))
-    student_id = sha256_file(student / "manifest.json")
-    artifact, export_key, parity = export_stage(plan, student, student_id, force, log)
-    log(f"[4/{n}] parity: {parity_line(parity)}")
-    eval_data = Path(eval_data or EVAL_DATA)
-    log(f"[5/{n}] bundle -> {plan.out}")
-    manifest, skipped = write_bundle(plan.out, name=f"{plan.name}-dense", artifact=artifact, fmt=plan.fmt,
-                                     quant=plan.candidate.quant, artifact_key=export_key, target=plan.target,
-                                     estimate=plan.estimate, eval_data=eval_data, teacher=str(plan.model),
-                                     student=student, force=force, replace=owned)
-    if skipped:
-        log("      up to date")
-    results = None
-    if any(s[0] == "bench" for s in plan.stages):
-        log(f"[6/{n}] bench here (bench.py --quick) -> {plan.work / 'bench' / 'results.json'}")
-        results = bench_stage(plan, manifest, threads, log)
-    return BuildResult(plan, plan.out, manifest, parity, results, time.time() - t0)
-
-
-def export_stage(plan: BuildPlan, student: Path, student_id: str, force: bool, log) -> tuple[Path, str, dict]:
-    where = plan.work / "export"
-    quant = plan.candidate.quant
-    key = stage_key("build-export", {"student": student_id}, {"format": plan.fmt, "quant": quant})
-    log(f"[3/{len(plan.stages)}] export {plan.fmt} {quant} -> {where}")
-    done = None if force else finished_output(where, "build-export", key)
-    if done:
-        log("      up to date")
-    else:
-        with atomic_output_dir(where, force=True, key=key) as tmp:
-            if plan.fmt == "gguf":
-                from edgeconv.stages.export_gguf import export_gguf
-
-                export_gguf(student, tmp / f"{plan.name}-dense-{quant}.gguf", quant)
-            else:
-                from edgeconv.stages.export_onnx import export_onnx_genai
-
-                export_onnx_genai(student, tmp / "model", quant)
-            files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                     for p in tmp.rglob("*") if p.is_file()}
-            from edgeconv.io.output_dir import write_manifest
-
-            write_manifest(tmp, "build-export", key, {"student": str(student)}, {"format": plan.fmt, "quant": quant},
-                           files, {})
-    if plan.fmt == "gguf":
-        artifact = where / f"{plan.name}-dense-{quant}.gguf"
-        parity = json.loads(artifact.with_suffix(".parity.json").read_text())
-    else:
-        artifact = where / "model"
-        parity = read_manifest(artifact) or {}
-        parity = parity.get("summary", parity)
-    return artifact, key, parity
-
-
-def parity_line(parity: dict) -> str:
-    ratio = parity.get("ppl_ratio")
-    top1 = parity.get("top1_agreement")
-    parts = []
-    if ratio is not None:
-        parts.append(f"perplexity ratio {ratio:.4f} vs torch")
-    if top1 is not None:
-        parts.append(f"top-1 agreement {top1:.1%}")
-    return (", ".join(parts) or "see parity.json") + " (passed the tolerance of the format)"
-
-
-def bench_stage(plan: BuildPlan, manifest: dict, threads: int | None, log) -> dict | None:
-    """Run the bundle's own bench.py here, in a separate process so its peak RSS is the runner's alone."""
-    out = plan.work / "bench" / "results.json"
-    done = out.parent / "bundle-key"
-    if out.is_file() and done.is_file() and done.read_text() == manifest["key"]:
-        log("      up to date")
-        return json.loads(out.read_text())
-    from edgeconv.device.local_bench import resolve, run_runner
-
-    try:  # verified in this process first, like `edgeconv bench`: the bundle's bench.py runs only as hashed
-        results = run_runner(resolve(plan.out), out, role="student", label=f"{plan.name}-dense ({plan.target.name})",
-                             threads=threads, quick=True, eval_data=None, extra=["--target", plan.target.name])
-    except EdgeconvError as exc:
-        log(f"      bench.py failed: {exc.line()}")
-        return None
-    done.write_text(manifest["key"])
-    return results
+        # The student is `edgeconv convert` into OUT.work/student: its --out checked and locked, its arguments
+        # checked and its work directory claimed, as the command would.
+        student = plan.work / "student"
+        with guard_output(student, {"model": plan.model, "data": data, "distill data": distill_data},
+                          work=work_dir(student)):
+            checked = check_convert(plan.model, student, data=data, tokens=calibration_tokens,
+                                    groups=plan.candidate.groups, distill_tokens=plan.distill_tokens,
+                                    distill_data=distill_data, distill_options=distill_options, force=force)
+            plan.stages = build_stages(plan, data=checked.data, distill_data=distill_data, eval_data=eval_data,
+                                       calibration_tokens=calibration_tokens, distill_options=distill_options,
+                                       threads=threads, progress=progress, owned=owned)
+            results = {r.name: r for r in run_pipeline(plan.stages, work=work_dir(student), command="convert",
+                                                       record=checked.record, force=force)}
+    export = next(s for s in plan.stages if s.name == "build-export")
+    bench = results.get("bench")
+    return BuildResult(plan, plan.out, results["bundle"].manifest, export.parity(),
+                       bench_results(bench.out) if bench and "error" not in bench.extra else None, time.time() - t0)
 
 
 def headline(result: BuildResult) -> str:

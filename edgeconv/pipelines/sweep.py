@@ -1,12 +1,13 @@
 """`edgeconv sweep`: the paper's study on one MoE. One calibration, every scoring x grouping x scaling x K
 evaluated before distillation (prescreen), then the best variants and the paper's default distilled with
-one token budget and evaluated, next to a dense-to-dense pruned baseline. Every step resumes.
+one token budget and evaluated (finals), next to a dense-to-dense pruned baseline: one stage list, each stage
+resumes (edgeconv/stages/study.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
 from edgeconv.planning.calibration_free import model_ref
 from edgeconv.planning.methods import GROUPINGS, SCALINGS, SCORERS
-from edgeconv.study.prescreen import prescreen
+from edgeconv.stages.stage import run_stages
 from edgeconv.study.variants import grid, parse_ks, pick
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,10 +66,10 @@ def sweep(
     dense: str | Path | None = None,
     keep: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = lambda msg: None,
 ) -> SweepResult:
     from edgeconv.demo import CALIBRATION_DATA, DISTILL_DATA, EVAL_DATA
-    from edgeconv.stages.calibrate import calibrate
+    from edgeconv.stages.calibrate import CalibrateStage
+    from edgeconv.stages.study import DenseBaselineStage, FinalsStage, PrescreenStage
 
     out = Path(out).absolute()
     ckpt = Checkpoint.open(model)
@@ -90,19 +93,25 @@ def sweep(
 
         check_dense_source(Checkpoint.open(dense))
     out.mkdir(parents=True, exist_ok=True)
-    log(f"sweep: {len(variants)} variants of {ckpt.path.name} (K in {k_list}, G={g}) -> {out}")
-    cal = calibrate(ckpt.path, data or CALIBRATION_DATA, out / "calibrate", tokens=calibration_tokens,
-                    seq_len=seq_len, progress=progress)
-    rows = prescreen(ckpt.path, cal.stats(), variants, out, eval_data=eval_data,
-                     eval_options=eval_options or {}, seed=seed, jobs=jobs, threads=threads, keep=keep,
-                     progress=progress, log=log)
-    result = SweepResult(out, rows)
+    logger.info(f"sweep: {len(variants)} variants of {ckpt.path.name} (K in {k_list}, G={g}) -> {out}")
+    calibrate = CalibrateStage(ckpt.path, data or CALIBRATION_DATA, out / "calibrate", tokens=calibration_tokens,
+                               seq_len=seq_len, progress=progress)
+    screen = PrescreenStage(ckpt.path, out, stats=calibrate.out, variants=variants, eval_data=eval_data,
+                            eval_options=eval_options or {}, seed=seed, jobs=jobs, threads=threads, keep=keep,
+                            progress=progress)
+    stages = [calibrate, screen]
     if distill_tokens:
-        from edgeconv.study.finals import run_finals
-
-        result.final, result.comparison = run_finals(
-            ckpt.path, out, rows, top=top, distill_tokens=distill_tokens,
-            distill_data=distill_data or DISTILL_DATA, distill_options=distill_options or {},
-            eval_data=eval_data, eval_options=final_eval_options or {}, prescreen_options=eval_options or {},
-            dense=Path(dense) if dense else None, progress=progress, log=log)
+        finals = FinalsStage(ckpt.path, out, prescreen=screen, top=top, distill_tokens=distill_tokens,
+                             distill_data=distill_data or DISTILL_DATA, distill_options=distill_options or {},
+                             eval_data=eval_data, eval_options=final_eval_options or {}, progress=progress)
+        stages.append(finals)
+        if dense is not None:
+            stages.append(DenseBaselineStage(out, Path(dense), finals=finals, prescreen_options=eval_options or {}))
+    done = {r.name: r.extra for r in run_stages(stages)}
+    result = SweepResult(out, done["prescreen"]["rows"])
+    if "finals" in done:
+        result.final = done["finals"]["rows"]
+    if "dense baseline" in done:
+        result.final = result.final + done["dense baseline"]["rows"]
+        result.comparison = done["dense baseline"]["comparison"]
     return result

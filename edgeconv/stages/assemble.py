@@ -12,7 +12,6 @@ import json
 import math
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,21 +21,14 @@ from edgeconv.families.base import MoEFamily
 from edgeconv.families.ffn import MAX_ALIGN_WIDTH, Ffn, concat, weighted_average
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
-from edgeconv.io.output_dir import atomic_output_dir, check_can_write, finished_output, sha256_file, stage_key, write_manifest
 from edgeconv.io.safetensors_writer import ShardedWriter, TensorSpec
 from edgeconv.planning.plan import LayerPlan, Plan, check_plan_fits
 from edgeconv.progress import byte_progress
+from edgeconv.stages.stage import Identity, StageBase, StageResult, run_stage
 
 STAGE = "assemble"
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-
-
-@dataclass
-class AssembleResult:
-    out: Path
-    skipped: bool
-    manifest: dict
 
 
 def _layer_of(name: str) -> int | None:
@@ -121,45 +113,43 @@ def output_layout(ckpt: Checkpoint, family: MoEFamily, width: int):
     return steps
 
 
-@guarded("out", "model", "plan")
-def assemble(
-    model: str | Path,
-    plan: Plan | str | Path,
-    out: str | Path,
-    *,
-    force: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    progress: bool = True,
-) -> AssembleResult:
-    out = Path(out)
-    ckpt = Checkpoint.open(model)
-    family = family_for(ckpt.config, str(ckpt.path))
-    family.check_checkpoint(ckpt)
-    plan = plan if isinstance(plan, Plan) else Plan.load(Path(plan))
-    check_plan_fits(plan, family, str(ckpt.path), ckpt.fingerprint)
+class AssembleStage(StageBase):
+    """MoE checkpoint + plan (a Plan, or the path of its JSON, read when the stage is reached) -> dense checkpoint."""
 
-    plan_json = plan.model_dump_json(indent=2) + "\n"
-    inputs = {
-        "model": str(ckpt.path),
-        "model_fingerprint": ckpt.fingerprint,
-        "plan_sha256": hashlib.sha256(plan_json.encode()).hexdigest(),
-    }
-    options = {"max_shard_bytes": max_shard_bytes}
-    key = stage_key(STAGE, {k: v for k, v in inputs.items() if k != "model"}, options)
-    done = finished_output(out, STAGE, key)
-    if done:
-        return AssembleResult(out, True, done)
-    check_can_write(out, force, key)  # before the heavy work, not at its end
+    name = STAGE
 
-    width = dense_width(family, plan)
-    steps = output_layout(ckpt, family, width)
-    specs = [spec for _, _, group in steps for spec in group]
-    plans_by_layer = {lp.layer: lp for lp in plan.layers}
+    def __init__(self, model: str | Path, plan: Plan | str | Path, out: str | Path, *,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True):
+        self.model, self.plan, self.out = model, plan, Path(out)
+        self.max_shard_bytes, self.progress = max_shard_bytes, progress
 
-    with atomic_output_dir(out, force, key) as tmp:
-        writer = ShardedWriter(tmp, specs, max_shard_bytes)
+    def describe(self) -> str:
+        return "the dense student, streamed one layer at a time from the teacher's files and the plan"
+
+    def identity(self) -> Identity:
+        ckpt = self.ckpt = Checkpoint.open(self.model)
+        family = self.family = family_for(ckpt.config, str(ckpt.path))
+        family.check_checkpoint(ckpt)
+        plan = self.plan = self.plan if isinstance(self.plan, Plan) else Plan.load(Path(self.plan))
+        check_plan_fits(plan, family, str(ckpt.path), ckpt.fingerprint)
+        self.plan_json = plan.model_dump_json(indent=2) + "\n"
+        inputs = {
+            "model": str(ckpt.path),
+            "model_fingerprint": ckpt.fingerprint,
+            "plan_sha256": hashlib.sha256(self.plan_json.encode()).hexdigest(),
+        }
+        options = {"max_shard_bytes": self.max_shard_bytes}
+        return Identity({k: v for k, v in inputs.items() if k != "model"}, options, inputs)
+
+    def run(self, tmp: Path) -> dict:
+        ckpt, family, plan = self.ckpt, self.family, self.plan
+        width = dense_width(family, plan)
+        steps = output_layout(ckpt, family, width)
+        specs = [spec for _, _, group in steps for spec in group]
+        plans_by_layer = {lp.layer: lp for lp in plan.layers}
+        writer = ShardedWriter(tmp, specs, self.max_shard_bytes)
         try:
-            with byte_progress(progress) as bar:
+            with byte_progress(self.progress) as bar:
                 task = bar.add_task("assemble", total=writer.total_bytes)
                 for kind, layer, group in steps:
                     if kind == "copy":
@@ -179,19 +169,28 @@ def assemble(
         finally:
             writer.abort()
             ckpt.close()
-
-        files = {name: {"sha256": digest, "bytes": (tmp / name).stat().st_size} for name, digest in hashes.items()}
-        dense_config = family.dense_config(width)
-        (tmp / "config.json").write_text(json.dumps(dense_config, indent=2) + "\n")
-        (tmp / "plan.json").write_text(plan_json)
+        # The shards were hashed as they were written: the runner hashes only the rest.
+        self.known_files = {name: {"sha256": digest, "bytes": (tmp / name).stat().st_size}
+                            for name, digest in hashes.items()}
+        (tmp / "config.json").write_text(json.dumps(family.dense_config(width), indent=2) + "\n")
+        (tmp / "plan.json").write_text(self.plan_json)
         for src in ckpt.sidecar_files():
             shutil.copyfile(src, tmp / src.name)
-        for path in sorted(tmp.iterdir()):
-            if path.name not in files:
-                files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        summary = _summary(ckpt, family, plan, width, specs)
-        manifest = write_manifest(tmp, STAGE, key, inputs, options, files, summary)
-    return AssembleResult(out, False, manifest)
+        return _summary(ckpt, family, plan, width, specs)
+
+
+@guarded("out", "model", "plan")
+def assemble(
+    model: str | Path,
+    plan: Plan | str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = True,
+) -> StageResult:
+    """`edgeconv assemble`: the assemble stage on its own (see AssembleStage)."""
+    return run_stage(AssembleStage(model, plan, out, max_shard_bytes=max_shard_bytes, progress=progress), force=force)
 
 
 def _summary(ckpt: Checkpoint, family: MoEFamily, plan: Plan, width: int, specs: list[TensorSpec]) -> dict:

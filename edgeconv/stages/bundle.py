@@ -12,42 +12,45 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from edgeconv import __version__
 from edgeconv.device.memory_fit import Estimate, gb
 from edgeconv.device.profiles import TargetProfile
-from edgeconv.io.output_dir import (
-    MANIFEST,
-    atomic_output_dir,
-    finished_output,
-    sha256_file,
-    stage_key,
-)
+from edgeconv.io.output_dir import MANIFEST, read_manifest, sha256_file
+from edgeconv.stages.stage import Identity, StageBase
 
 RUNNER = Path(__file__).parents[1] / "device" / "runner.py"  # copied into the bundle as bench.py
 
 
-def bundle_key(artifact_key: str, target: TargetProfile, eval_data: Path) -> str:
-    return stage_key("bundle", {"artifact": artifact_key, "runner": sha256_file(RUNNER),
-                                "eval": [sha256_file(f) for f in sorted(Path(eval_data).glob("*.jsonl"))]},
-                     {"target": target.model_dump(exclude={"source"})})
+class BundleStage(StageBase):
+    """The export stage's artifact (its directory `export`), bench.py, the evaluation data, and the plan, in OUT.
+    Its key holds the export's key, so it chains back to the student and the teacher. `replace`: OUT may hold
+    another bundle of this same build (a new edgeconv's bench.py changes the key) and is replaced without --force."""
 
+    name = "bundle"
+    force_redoes = True
 
-def write_bundle(out: Path, *, name: str, artifact: Path, fmt: str, quant: str, artifact_key: str,
+    def __init__(self, out: Path, *, name: str, export: Path, artifact: Path, fmt: str, quant: str,
                  target: TargetProfile, estimate: Estimate, eval_data: Path, teacher: str, student: Path,
-                 force: bool = False, replace: bool = False) -> tuple[dict, bool]:
-    """Write the bundle atomically; returns (manifest, skipped). Skipped when OUT already holds this bundle
-    (unless `force`); another bundle in OUT is replaced only with `force` or `replace` (the same build's)."""
-    key = bundle_key(artifact_key, target, eval_data)
-    done = finished_output(out, "bundle", key)
-    if done and not force:
-        return done, True
-    artifact = Path(artifact)
-    with atomic_output_dir(out, force=force or replace, key=key) as tmp:
-        if fmt == "gguf":
+                 replace: bool = False):
+        self.out, self.bundle_name, self.export, self.artifact = Path(out), name, Path(export), Path(artifact)
+        self.fmt, self.quant, self.target, self.estimate = fmt, quant, target, estimate
+        self.eval_data, self.teacher, self.student, self.replaces = Path(eval_data), teacher, Path(student), replace
+
+    def describe(self) -> str:
+        return "model, bench.py, eval data, Modelfile, README, manifest with sha256"
+
+    def identity(self) -> Identity:
+        artifact_key = (read_manifest(self.export) or {}).get("key")
+        return Identity({"artifact": artifact_key, "runner": sha256_file(RUNNER),
+                         "eval": [sha256_file(f) for f in sorted(self.eval_data.glob("*.jsonl"))]},
+                        {"target": self.target.model_dump(exclude={"source"})})
+
+    def run(self, tmp: Path) -> dict:
+        artifact, target = self.artifact, self.target
+        if self.fmt == "gguf":
             model_rel = artifact.name
             shutil.copy2(artifact, tmp / model_rel)
             parity = artifact.with_suffix(".parity.json")
@@ -58,36 +61,33 @@ def write_bundle(out: Path, *, name: str, artifact: Path, fmt: str, quant: str, 
         if parity.is_file():
             shutil.copy2(parity, tmp / "parity.json")
         shutil.copy2(RUNNER, tmp / "bench.py")
-        shutil.copytree(eval_data, tmp / "eval", ignore=shutil.ignore_patterns("*.yaml", "__pycache__"))
-        plan = Path(student) / "plan.json"
+        shutil.copytree(self.eval_data, tmp / "eval", ignore=shutil.ignore_patterns("*.yaml", "__pycache__"))
+        plan = self.student / "plan.json"
         if plan.is_file():
             shutil.copy2(plan, tmp / "plan.json")
-        if fmt == "gguf":
+        if self.fmt == "gguf":
             (tmp / "Modelfile").write_text(modelfile(model_rel, target))
-        files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {
-            "edgeconv_version": __version__,
-            "stage": "bundle",
-            "key": key,
-            "name": name,
+        fields = {
+            "name": self.bundle_name,
             "model": model_rel,
-            "format": fmt,
-            "quant": quant,
+            "format": self.fmt,
+            "quant": self.quant,
             "target": target.name,
-            "context": estimate.config.context,
+            "context": self.estimate.config.context,
             "threads": target.threads,
-            "teacher": teacher,
-            "student": str(student),
-            "estimate": estimate.as_dict(),
+            "teacher": self.teacher,
+            "student": str(self.student),
+            "estimate": self.estimate.as_dict(),
             "bench": target.bench.model_dump(),
-            "files": files,
         }
-        (tmp / "README.md").write_text(readme(manifest, target, estimate))
-        files["README.md"] = {"sha256": sha256_file(tmp / "README.md"), "bytes": (tmp / "README.md").stat().st_size}
-        manifest["files"] = dict(sorted(files.items()))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest, False
+        model_bytes = sum(p.stat().st_size for p in [tmp / model_rel, *(tmp / model_rel).rglob("*")] if p.is_file())
+        (tmp / "README.md").write_text(readme(fields, target, self.estimate, model_bytes))
+        return fields
+
+    def manifest(self, key: str, identity: Identity, files: dict, summary: dict) -> dict:
+        """Flat, for bench.py (which reads it on the device without edgeconv): what the bundle is, and its files."""
+        return {"edgeconv_version": __version__, "stage": self.name, "key": key, **summary,
+                "files": dict(sorted(files.items()))}
 
 
 def modelfile(model_rel: str, target: TargetProfile) -> str:
@@ -99,9 +99,7 @@ def modelfile(model_rel: str, target: TargetProfile) -> str:
             "PARAMETER temperature 0.7\n")
 
 
-def readme(manifest: dict, target: TargetProfile, estimate: Estimate) -> str:
-    size = sum(f["bytes"] for p, f in manifest["files"].items() if p == manifest["model"] or
-               p.startswith(manifest["model"] + "/"))
+def readme(manifest: dict, target: TargetProfile, estimate: Estimate, size: int) -> str:
     runtime = "llama-cpp-python" if manifest["format"] == "gguf" else "onnxruntime-genai"
     return f"""# {manifest['name']} for {target.name}
 

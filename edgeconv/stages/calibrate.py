@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,23 +16,13 @@ from edgeconv.forward.layer_by_layer import dtype_name, resolve_device, resolve_
 from edgeconv.forward.layer_runner import run_layer_by_layer
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
-from edgeconv.io.output_dir import atomic_output_dir, check_can_write, finished_output, sha256_file, stage_key, write_manifest
 from edgeconv.io.text_data import check_data, check_seq_len, token_sequences
 from edgeconv.planning.calibration_free import model_ref
 from edgeconv.progress import token_progress
+from edgeconv.stages.stage import Identity, StageBase, StageResult, run_stage
 
 STAGE = "calibrate"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class CalibrateResult:
-    out: Path
-    skipped: bool
-    manifest: dict
-
-    def stats(self) -> CalibrationStats:
-        return CalibrationStats.load(self.out)
 
 
 def load_tokenizer(ckpt: Checkpoint):
@@ -46,6 +35,90 @@ def load_tokenizer(ckpt: Checkpoint):
             f"cannot load a tokenizer from {ckpt.path} ({type(exc).__name__})",
             "calibration needs the model's tokenizer files (tokenizer.json, tokenizer_config.json) next to it",
         )
+
+
+class CalibrateStage(StageBase):
+    """`device`: auto (the GPU if there is one), cpu, cuda, cuda:N. `dtype`: auto (bfloat16 on a GPU that has it,
+    else float32), float32 or bfloat16; the key holds the dtype it resolves to."""
+
+    name = STAGE
+
+    def __init__(self, model: str | Path, data: str | Path, out: str | Path, *, tokens: int = 65536,
+                 seq_len: int = 512, batch_size: int = 4, gram_tokens: int = 1024, dtype: str = "auto",
+                 device: str = "auto", max_activation_bytes: int = 4 * 1024**3, progress: bool = True):
+        self.model, self.data, self.out = model, data, Path(out)
+        self.tokens, self.seq_len, self.batch_size, self.gram_tokens = tokens, seq_len, batch_size, gram_tokens
+        self.dtype, self.device, self.max_activation_bytes, self.progress = dtype, device, max_activation_bytes, progress
+
+    def describe(self) -> str:
+        return f"{self.tokens:,} tokens through the teacher, one layer at a time: per-expert statistics"
+
+    def identity(self) -> Identity:
+        if self.dtype not in ("auto", *DTYPES):
+            raise EdgeconvError(f"--dtype {self.dtype} is not supported", f"use auto or one of {', '.join(DTYPES)}")
+        self.compute_device = resolve_device(self.device)
+        self.dtype = dtype_name(resolve_dtype(self.dtype, self.compute_device))
+        ckpt = self.ckpt = Checkpoint.open(self.model)
+        family = self.family = family_for(ckpt.config, str(ckpt.path))
+        family.check_checkpoint(ckpt)
+        if self.tokens < family.num_experts:
+            raise EdgeconvError(
+                f"--tokens {self.tokens} is fewer than the {family.num_experts} experts per layer: most experts "
+                "would never be seen",
+                f"calibrate on at least {family.num_experts} tokens (thousands in practice)",
+            )
+        if self.gram_tokens < 1:
+            raise EdgeconvError(f"--gram-tokens {self.gram_tokens} must be positive", "pass e.g. 1024")
+        check_seq_len(ckpt.config, self.seq_len)
+        check_data(self.data)  # before the tokenizer and the model; what it does not read is checked as it is read
+        tokenizer = load_tokenizer(ckpt)
+        self.ids, self.data_info = token_sequences(tokenizer, Path(self.data), self.tokens, self.seq_len)
+        self.data_info["sha256"] = hashlib.sha256(self.ids.numpy().tobytes()).hexdigest()
+        options = {"gram_tokens": self.gram_tokens, "dtype": self.dtype, "batch_size": self.batch_size}
+        inputs = {"model_fingerprint": ckpt.fingerprint, "tokens_sha256": self.data_info["sha256"]}
+        return Identity(inputs, options, {**inputs, "model": str(ckpt.path), "data": str(self.data)})
+
+    def prepare(self) -> None:
+        ckpt, family, ids = self.ckpt, self.family, self.ids
+        total = ids.numel()
+        stride = max(1, total // self.gram_tokens)
+        layers: dict[int, LayerStats] = {}
+
+        def make_block(layer: int) -> CalibratedMoeBlock:
+            has_gate = family.read_shared_gate(ckpt, layer) is not None
+            layers[layer] = LayerStats.zeros(layer, family.num_experts, family.hidden_size, has_gate)
+            return CalibratedMoeBlock(family, ckpt, layer, layers[layer], stride, self.gram_tokens, DTYPES[self.dtype])
+
+        started = time.perf_counter()
+        with token_progress(self.progress) as bar:
+            task = bar.add_task("calibrate", total=total * family.num_layers)
+
+            def on_batch(layer: int, n: int) -> None:
+                bar.update(task, advance=n, description=f"calibrate layer {layer + 1}/{family.num_layers}")
+
+            run_layer_by_layer(ckpt, family, ids, make_block, batch_size=self.batch_size, dtype=DTYPES[self.dtype],
+                               device=self.compute_device, max_activation_bytes=self.max_activation_bytes,
+                               spill_dir=self.out.absolute().parent, on_batch=on_batch)
+        self.seconds = time.perf_counter() - started
+        ckpt.close()
+        self.layers = layers
+        self.stats = CalibrationStats(model_ref(family, ckpt.fingerprint, str(ckpt.path)).model_dump(), self.data_info,
+                                      layers)
+        # Finite weights (checked as they are read) can still overflow: no plan can use NaN statistics, so save none.
+        self.stats.check_finite(f"the statistics calibrated from {ckpt.path}",
+                                "its activations overflow on this data: check the checkpoint, calibrate with "
+                                "--dtype float32")
+
+    def run(self, tmp: Path) -> dict:
+        self.stats.save(tmp)
+        total = self.ids.numel()
+        return {
+            "tokens": total,
+            "layers": len(self.layers),
+            "seconds": round(self.seconds, 2),
+            "tokens_per_second": round(total * self.family.num_layers / max(self.seconds, 1e-9), 1),
+            "unused_experts": {str(i): int((st.count == 0).sum()) for i, st in self.layers.items()},
+        }
 
 
 @guarded("out", "model", "data")
@@ -63,72 +136,8 @@ def calibrate(
     max_activation_bytes: int = 4 * 1024**3,
     force: bool = False,
     progress: bool = True,
-) -> CalibrateResult:
-    """`device`: auto (the GPU if there is one), cpu, cuda, cuda:N. `dtype`: auto (bfloat16 on a GPU that has it,
-    else float32), float32 or bfloat16; the run key holds the dtype it resolves to."""
-    out = Path(out)
-    if dtype not in ("auto", *DTYPES):
-        raise EdgeconvError(f"--dtype {dtype} is not supported", f"use auto or one of {', '.join(DTYPES)}")
-    compute_device = resolve_device(device)
-    dtype = dtype_name(resolve_dtype(dtype, compute_device))
-    ckpt = Checkpoint.open(model)
-    family = family_for(ckpt.config, str(ckpt.path))
-    family.check_checkpoint(ckpt)
-    if tokens < family.num_experts:
-        raise EdgeconvError(
-            f"--tokens {tokens} is fewer than the {family.num_experts} experts per layer: most experts would never be seen",
-            f"calibrate on at least {family.num_experts} tokens (thousands in practice)",
-        )
-    if gram_tokens < 1:
-        raise EdgeconvError(f"--gram-tokens {gram_tokens} must be positive", "pass e.g. 1024")
-    check_seq_len(ckpt.config, seq_len)
-    check_data(data)  # before the tokenizer and the model; what it does not read is checked as it is read
-    tokenizer = load_tokenizer(ckpt)
-    ids, data_info = token_sequences(tokenizer, Path(data), tokens, seq_len)
-    data_info["sha256"] = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
-    options = {"gram_tokens": gram_tokens, "dtype": dtype, "batch_size": batch_size}
-    inputs = {"model_fingerprint": ckpt.fingerprint, "tokens_sha256": data_info["sha256"]}
-    key = stage_key(STAGE, inputs, options)
-    done = finished_output(out, STAGE, key)
-    if done:
-        return CalibrateResult(out, True, done)
-    check_can_write(out, force, key)  # before the heavy work, not at its end
-
-    total = ids.numel()
-    stride = max(1, total // gram_tokens)
-    layers: dict[int, LayerStats] = {}
-
-    def make_block(layer: int) -> CalibratedMoeBlock:
-        has_gate = family.read_shared_gate(ckpt, layer) is not None
-        layers[layer] = LayerStats.zeros(layer, family.num_experts, family.hidden_size, has_gate)
-        return CalibratedMoeBlock(family, ckpt, layer, layers[layer], stride, gram_tokens, DTYPES[dtype])
-
-    started = time.perf_counter()
-    with token_progress(progress) as bar:
-        task = bar.add_task("calibrate", total=total * family.num_layers)
-
-        def on_batch(layer: int, n: int) -> None:
-            bar.update(task, advance=n, description=f"calibrate layer {layer + 1}/{family.num_layers}")
-
-        run_layer_by_layer(ckpt, family, ids, make_block, batch_size=batch_size, dtype=DTYPES[dtype],
-                           device=compute_device, max_activation_bytes=max_activation_bytes,
-                           spill_dir=out.absolute().parent, on_batch=on_batch)
-    seconds = time.perf_counter() - started
-    ckpt.close()
-    stats = CalibrationStats(model_ref(family, ckpt.fingerprint, str(ckpt.path)).model_dump(), data_info, layers)
-    # Finite weights (checked as they are read) can still overflow: no plan can use NaN statistics, so save none.
-    stats.check_finite(f"the statistics calibrated from {ckpt.path}",
-                       "its activations overflow on this data: check the checkpoint, calibrate with --dtype float32")
-    with atomic_output_dir(out, force, key) as tmp:
-        stats.save(tmp)
-        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-        summary = {
-            "tokens": total,
-            "layers": len(layers),
-            "seconds": round(seconds, 2),
-            "tokens_per_second": round(total * family.num_layers / max(seconds, 1e-9), 1),
-            "unused_experts": {str(i): int((st.count == 0).sum()) for i, st in layers.items()},
-        }
-        manifest = write_manifest(tmp, STAGE, key, {**inputs, "model": str(ckpt.path), "data": str(data)},
-                                  options, files, summary)
-    return CalibrateResult(out, False, manifest)
+) -> StageResult:
+    """`edgeconv calibrate`: the calibrate stage on its own (see CalibrateStage); `.stats()` loads what it wrote."""
+    return run_stage(CalibrateStage(model, data, out, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                                    gram_tokens=gram_tokens, dtype=dtype, device=device,
+                                    max_activation_bytes=max_activation_bytes, progress=progress), force=force)

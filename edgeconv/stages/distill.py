@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,16 +38,10 @@ from edgeconv.errors import EdgeconvError
 from edgeconv.forward.layer_by_layer import (ALLOWANCE, ForwardOptions, LayerByLayerModel, resolve_device,
                                              resolve_dtype, use_layer_by_layer)
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.io.guard import check_not_an_input, guarded
-from edgeconv.io.output_dir import (
-    atomic_output_dir,
-    check_can_write,
-    finished_output,
-    sha256_file,
-    stage_key,
-    write_manifest,
-)
+from edgeconv.io.guard import check_not_an_input, guarded, work_dir
+from edgeconv.io.output_dir import stage_key
 from edgeconv.progress import token_progress
+from edgeconv.stages.stage import Identity, StageBase, StageResult, run_stage
 from edgeconv.training import teacher_cache as cache_mod
 from edgeconv.training import metrics, train_state
 from edgeconv.training.models import (
@@ -62,21 +55,15 @@ from edgeconv.training.models import (
 from edgeconv.training.packing import check_split, pack_tokens, sequence_order
 from edgeconv.training.trainer import CachedTeacher, OnlineTeacher, train
 
+logger = logging.getLogger(__name__)
+
 STAGE = "distill"
 RUN_FILE = "run.json"
 
 
-@dataclass
-class DistillResult:
-    out: Path
-    skipped: bool  # OUT was already this run's finished output
-    manifest: dict  # OUT's manifest ({} when only the teacher cache was built)
-    cache: dict | None = field(default=None)  # the teacher cache's manifest (offline mode)
-
-
-def work_dir(out: Path) -> Path:
-    out = Path(out).absolute()
-    return out.parent / f"{out.name}.work" / "distill"
+def distill_work(out: Path) -> Path:
+    """OUT.work/distill/: this stage's tokens, checkpoints, metrics and (by default) teacher cache."""
+    return work_dir(out) / "distill"
 
 
 def resolve_precision(precision: str) -> str:
@@ -84,6 +71,142 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+class DistillStage(StageBase):
+    """Teacher + dense student + text -> the distilled student. Every process of a torchrun / accelerate run
+    runs the stage (the checks agree: they are deterministic); prepare() trains with all of them, and only the
+    main process writes OUT (`writer`)."""
+
+    name = STAGE
+
+    def __init__(self, teacher: str | Path, student: str | Path, data: str | Path, out: str | Path,
+                 config: DistillConfig | None = None, *, teacher_cache: str | Path | None = None,
+                 cache_forward: ForwardOptions | None = None, progress: bool = True):
+        self.teacher, self.student, self.data, self.out = teacher, student, data, Path(out).absolute()
+        self.cfg = config or DistillConfig()
+        self.teacher_cache, self.cache_forward, self.progress = teacher_cache, cache_forward, progress
+        self.work = distill_work(self.out)
+        self.fresh = False  # the work directory did not exist: a run refused before it started removes it
+        self.started = False
+
+    def describe(self) -> str:
+        cfg = self.cfg
+        how = (f"offline: the teacher's top-{cfg.top_k} log-probs cached first, then the student alone"
+               if cfg.mode == "offline" else "online: the teacher runs every step")
+        return f"{cfg.tokens:,} tokens from the teacher ({how})"
+
+    def check(self) -> None:
+        """What needs no model opened: the options against each other, and the cache's place."""
+        cfg = self.cfg
+        if self.cache_forward not in (None, ForwardOptions()) and cfg.mode != "offline":
+            raise EdgeconvError("--cache-device, --cache-dtype, --layer-by-layer/--whole-model and --cache-chunk are "
+                                "for the offline teacher cache", "pass --mode offline, or drop them")
+        self.cache_forward = self.cache_forward or ForwardOptions()
+        if cfg.mode == "offline":  # an unavailable --cache-device or a bad --cache-dtype fails before any work
+            self.cache_forward.resolve("--cache-device", "--cache-dtype")
+        if self.teacher_cache is not None:  # replacing OUT would delete a cache inside it
+            check_not_an_input(self.out, {"teacher cache": self.teacher_cache}, existing_only=False)
+
+    def identity(self) -> Identity:
+        self.check()
+        cfg = self.cfg
+        t_ckpt, s_ckpt = self.t_ckpt, self.s_ckpt = Checkpoint.open(self.teacher), Checkpoint.open(self.student)
+        check_pair(t_ckpt, s_ckpt)
+        _check_sizes(cfg, t_ckpt, s_ckpt)
+        t_tok = load_tokenizer(t_ckpt, "teacher")
+        self.tokenizer_from = s_ckpt if has_tokenizer(s_ckpt) else t_ckpt
+        if self.tokenizer_from is s_ckpt:
+            check_same_tokenizer(t_tok, load_tokenizer(s_ckpt, "student"), t_ckpt, s_ckpt)
+        budget = f"--tokens {cfg.tokens} = {cfg.steps} steps x --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}"
+        self.fresh = not self.work.exists()
+        # The packed tokens live on disk (4 bytes a token, memory-mapped) in the work directory, so a resumed
+        # run does not tokenize again; they go with the work directory after success.
+        self.ids, self.data_info = pack_tokens(t_tok, Path(self.data), cfg.sequences, cfg.seq_len, cfg.batch_size,
+                                               budget, cache_dir=self.work / "tokens")
+        self.precision = resolve_precision(cfg.precision)
+        self.inputs = {"teacher_fingerprint": t_ckpt.fingerprint, "student_fingerprint": s_ckpt.fingerprint,
+                       "tokens_sha256": self.data_info["sha256"]}
+        self.options = {**cfg.key_options(), "precision": self.precision}
+        return Identity(self.inputs, self.options,
+                        {**self.inputs, "teacher": str(t_ckpt.path), "student": str(s_ckpt.path),
+                         "data": str(Path(self.data).absolute())})
+
+    def _start(self) -> None:
+        """The checks that need the key and the processes; after them the run has started (the work is kept)."""
+        if self.key is None:
+            self.key = stage_key(STAGE, self.inputs, self.options)
+        _check_work(self.work, self.key, self.inputs, self.options, self.force)
+        self.accelerator = _accelerator(self.precision)
+        check_split(self.cfg.batch_size, self.cfg.grad_accum, self.accelerator.num_processes)  # before caching too
+        self.started = True
+        self.writer = self.accelerator.is_main_process
+        if self.writer:
+            _claim_work(self.work, self.key, self.inputs, self.options, self.force)
+        self.accelerator.wait_for_everyone()
+
+    def build_cache(self) -> dict | None:
+        """Offline mode: the teacher cache (built, or found complete); its manifest."""
+        if self.cfg.mode != "offline":
+            return None
+        cfg, t_ckpt = self.cfg, self.t_ckpt
+        device = self.accelerator.device
+        teacher_dtype = torch.bfloat16 if self.precision == "bf16" and device.type == "cuda" else torch.float32
+        self.cache_path = Path(self.teacher_cache).absolute() if self.teacher_cache else self.work / "teacher-cache"
+        self.spec = cache_mod.CacheSpec(t_ckpt.fingerprint, self.data_info["sha256"], cfg.sequences, cfg.seq_len,
+                                        cfg.top_k, cfg.temperature, int(self.s_ckpt.config["vocab_size"]))
+        return _build_cache(self.accelerator, self.cache_path, self.spec, t_ckpt, self.ids, cfg, teacher_dtype,
+                            self.force, self.progress, self.cache_forward)
+
+    def prepare(self) -> None:
+        self._start()
+        cfg, accelerator = self.cfg, self.accelerator
+        device = accelerator.device
+        cache_manifest = self.build_cache()
+        self.extra = {"cache": cache_manifest}
+        if cfg.mode == "offline":
+            teacher_source = CachedTeacher(cache_mod.TeacherCache(self.cache_path, self.spec))
+        else:
+            teacher_dtype = torch.bfloat16 if self.precision == "bf16" and device.type == "cuda" else torch.float32
+            teacher_source = OnlineTeacher(load_model(self.t_ckpt, "teacher", teacher_dtype, device))
+
+        torch.manual_seed(cfg.seed)
+        model = load_model(self.s_ckpt, "student", torch.float32, device)
+        started = time.perf_counter()
+        model, self.outcome = train(accelerator, model, teacher_source, self.ids,
+                                    sequence_order(cfg.sequences, cfg.seed), cfg, self.work, self.key,
+                                    progress=self.progress)
+        del teacher_source
+        gc.collect()
+        self.state = accelerator.get_state_dict(model)  # collective under FSDP (gathers the full weights)
+        self.model = accelerator.unwrap_model(model)
+        self.started_at = started
+
+    def run(self, tmp: Path) -> dict:
+        cfg, t_ckpt, s_ckpt = self.cfg, self.t_ckpt, self.s_ckpt
+        rows = metrics.read(self.work / "metrics.jsonl")
+        _save_student(self.model, self.state, weights_dtype(s_ckpt), tmp)
+        for path in self.tokenizer_from.sidecar_files():
+            if path.name != "generation_config.json" or self.tokenizer_from is s_ckpt:
+                shutil.copy(path, tmp / path.name)
+        shutil.copy(self.work / "metrics.jsonl", tmp / "metrics.jsonl")
+        metrics.plot(rows, tmp / "loss.png", f"distill {s_ckpt.path.name} from {t_ckpt.path.name}: "
+                                             f"{cfg.mode}, T={cfg.temperature:g}, ce_weight={cfg.ce_weight:g}")
+        return _summary(cfg, rows, self.outcome, self.accelerator.num_processes, self.precision, self.data_info,
+                        time.perf_counter() - self.started_at, self.extra["cache"], self.tokenizer_from is t_ckpt)
+
+    def done(self, result: StageResult) -> None:
+        if result.skipped:
+            if self.fresh:
+                _remove_work(self.work, None)  # the tokens this check needed
+            return
+        if self.writer:
+            _remove_work(self.work, Path(self.teacher_cache).absolute() if self.teacher_cache else None)
+        self.accelerator.wait_for_everyone()
+
+    def failed(self) -> None:
+        if self.fresh and not self.started:
+            _remove_work(self.work, None)  # a run refused before it started leaves nothing, tokens included
 
 
 @guarded("out", "teacher", "student", "data", work="distill")
@@ -99,105 +222,24 @@ def distill(
     cache_forward: ForwardOptions | None = None,
     force: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = lambda msg: None,
-) -> DistillResult:
+) -> StageResult:
+    """`edgeconv distill`: the distill stage on its own (see DistillStage); `.cache` is the teacher cache's manifest
+    (offline mode). With `cache_only`, only the offline teacher cache is built (OUT is not written)."""
     cfg = config or DistillConfig()
     if cache_only and cfg.mode != "offline":
         raise EdgeconvError("--cache-only builds the offline teacher cache", "pass --mode offline with it")
-    if cache_forward not in (None, ForwardOptions()) and cfg.mode != "offline":
-        raise EdgeconvError("--cache-device, --cache-dtype, --layer-by-layer/--whole-model and --cache-chunk are "
-                            "for the offline teacher cache", "pass --mode offline, or drop them")
-    cache_forward = cache_forward or ForwardOptions()
-    if cfg.mode == "offline":  # an unavailable --cache-device or a bad --cache-dtype fails before any work
-        cache_forward.resolve("--cache-device", "--cache-dtype")
-    out = Path(out).absolute()
-    if teacher_cache is not None:  # replacing OUT would delete a cache inside it
-        check_not_an_input(out, {"teacher cache": teacher_cache}, existing_only=False)
-    t_ckpt, s_ckpt = Checkpoint.open(teacher), Checkpoint.open(student)
-    check_pair(t_ckpt, s_ckpt)
-    _check_sizes(cfg, t_ckpt, s_ckpt)
-    t_tok = load_tokenizer(t_ckpt, "teacher")
-    tokenizer_from = s_ckpt if has_tokenizer(s_ckpt) else t_ckpt
-    if tokenizer_from is s_ckpt:
-        check_same_tokenizer(t_tok, load_tokenizer(s_ckpt, "student"), t_ckpt, s_ckpt)
-    budget = f"--tokens {cfg.tokens} = {cfg.steps} steps x --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len}"
-    work = work_dir(out)
-    fresh = not work.exists()
+    stage = DistillStage(teacher, student, data, out, cfg, teacher_cache=teacher_cache, cache_forward=cache_forward,
+                         progress=progress)
+    stage.force = force
+    if not cache_only:
+        return run_stage(stage, force=force)
     try:
-        # The packed tokens live on disk (4 bytes a token, memory-mapped) in the work directory, so a resumed
-        # run does not tokenize again; they go with the work directory after success.
-        ids, data_info = pack_tokens(t_tok, Path(data), cfg.sequences, cfg.seq_len, cfg.batch_size, budget,
-                                     cache_dir=work / "tokens")
-
-        precision = resolve_precision(cfg.precision)
-        inputs = {"teacher_fingerprint": t_ckpt.fingerprint, "student_fingerprint": s_ckpt.fingerprint,
-                  "tokens_sha256": data_info["sha256"]}
-        options = {**cfg.key_options(), "precision": precision}
-        key = stage_key(STAGE, inputs, options)
-        if not cache_only:
-            done = finished_output(out, STAGE, key)
-            if done:
-                if fresh:
-                    _remove_work(work, None)  # the tokens this check needed
-                return DistillResult(out, True, done)
-            check_can_write(out, force, key)
-        _check_work(work, key, inputs, options, force)
-
-        accelerator = _accelerator(precision)
-        check_split(cfg.batch_size, cfg.grad_accum, accelerator.num_processes)  # before the caching pass too
+        stage.identity()
+        stage._start()
     except BaseException:
-        if fresh:
-            _remove_work(work, None)  # a run refused before it started leaves nothing, tokens included
+        stage.failed()
         raise
-    main = accelerator.is_main_process
-    if main:
-        _claim_work(work, key, inputs, options, force)
-    accelerator.wait_for_everyone()
-    device = accelerator.device
-    teacher_dtype = torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
-
-    cache_manifest = None
-    if cfg.mode == "offline":
-        cache_path = Path(teacher_cache).absolute() if teacher_cache else work / "teacher-cache"
-        spec = cache_mod.CacheSpec(t_ckpt.fingerprint, data_info["sha256"], cfg.sequences, cfg.seq_len, cfg.top_k,
-                                   cfg.temperature, int(s_ckpt.config["vocab_size"]))
-        cache_manifest = _build_cache(accelerator, cache_path, spec, t_ckpt, ids, cfg, teacher_dtype, force,
-                                      progress, log, cache_forward)
-        if cache_only:
-            return DistillResult(out, False, {}, cache_manifest)
-        teacher_source = CachedTeacher(cache_mod.TeacherCache(cache_path, spec))
-    else:
-        teacher_source = OnlineTeacher(load_model(t_ckpt, "teacher", teacher_dtype, device))
-
-    torch.manual_seed(cfg.seed)
-    model = load_model(s_ckpt, "student", torch.float32, device)
-    started = time.perf_counter()
-    model, outcome = train(accelerator, model, teacher_source, ids, sequence_order(cfg.sequences, cfg.seed), cfg,
-                           work, key, progress=progress, log=log)
-    del teacher_source
-    gc.collect()
-
-    state = accelerator.get_state_dict(model)  # collective under FSDP (gathers the full weights)
-    manifest: dict = {}
-    if main:
-        rows = metrics.read(work / "metrics.jsonl")
-        with atomic_output_dir(out, force, key) as tmp:
-            _save_student(accelerator.unwrap_model(model), state, weights_dtype(s_ckpt), tmp)
-            for path in tokenizer_from.sidecar_files():
-                if path.name != "generation_config.json" or tokenizer_from is s_ckpt:
-                    shutil.copy(path, tmp / path.name)
-            shutil.copy(work / "metrics.jsonl", tmp / "metrics.jsonl")
-            metrics.plot(rows, tmp / "loss.png", f"distill {s_ckpt.path.name} from {t_ckpt.path.name}: "
-                                                 f"{cfg.mode}, T={cfg.temperature:g}, ce_weight={cfg.ce_weight:g}")
-            files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-            summary = _summary(cfg, rows, outcome, accelerator.num_processes, precision, data_info,
-                               time.perf_counter() - started, cache_manifest, tokenizer_from is t_ckpt)
-            manifest = write_manifest(tmp, STAGE, key, {**inputs, "teacher": str(t_ckpt.path),
-                                                        "student": str(s_ckpt.path), "data": str(Path(data).absolute())},
-                                      options, files, summary)
-        _remove_work(work, Path(teacher_cache).absolute() if teacher_cache else None)
-    accelerator.wait_for_everyone()
-    return DistillResult(out, False, manifest, cache_manifest)
+    return StageResult(STAGE, stage.out, False, {}, {"cache": stage.build_cache()})
 
 
 def _accelerator(precision: str):
@@ -271,7 +313,7 @@ def _remove_work(work: Path, keep: Path | None) -> None:
 
 
 def _build_cache(accelerator, path: Path, spec: cache_mod.CacheSpec, t_ckpt: Checkpoint, ids: torch.Tensor,
-                 cfg: DistillConfig, dtype: torch.dtype, force: bool, progress: bool, log,
+                 cfg: DistillConfig, dtype: torch.dtype, force: bool, progress: bool,
                  forward: ForwardOptions | None = None) -> dict:
     """The offline pass (all processes share the rows), unless a complete cache of this spec is there.
 
@@ -282,7 +324,7 @@ def _build_cache(accelerator, path: Path, spec: cache_mod.CacheSpec, t_ckpt: Che
     forward = forward or ForwardOptions()
     status, why = cache_mod.cache_status(path, spec)
     if status == "complete":
-        log(f"teacher cache {path}: complete, reused")
+        logger.info(f"teacher cache {path}: complete, reused")
         return json.loads((path / cache_mod.MANIFEST).read_text())
     if status == "foreign":
         raise EdgeconvError(why, "pass another --teacher-cache (a new or empty directory)")
@@ -295,8 +337,8 @@ def _build_cache(accelerator, path: Path, spec: cache_mod.CacheSpec, t_ckpt: Che
     writer = cache_mod.TeacherCache(path, spec, writable=True)
     missing = writer.missing_rows()
     rows = missing[missing % world == rank]
-    log(f"teacher cache {path}: {len(missing):,} of {spec.sequences:,} sequences to compute "
-        f"({spec.bytes_per_token} bytes per token)")
+    logger.info(f"teacher cache {path}: {len(missing):,} of {spec.sequences:,} sequences to compute "
+                f"({spec.bytes_per_token} bytes per token)")
     started = time.perf_counter()
     complete_pass = len(missing) == spec.sequences
     if len(rows):
@@ -320,7 +362,7 @@ def _build_cache(accelerator, path: Path, spec: cache_mod.CacheSpec, t_ckpt: Che
                                           chunk_sequences=forward.chunk_sequences,
                                           max_activation_bytes=forward.max_activation_bytes)
                 cache_mod.fill_layer_by_layer(writer, model, ids, rows, flush_rows=max(micro, 16), on_rows=advance)
-                log(f"teacher cache: {len(rows):,} sequences in {model.passes} layer-by-layer pass(es)")
+                logger.info(f"teacher cache: {len(rows):,} sequences in {model.passes} layer-by-layer pass(es)")
             else:
                 model = load_model(t_ckpt, "teacher", dtype, device).eval()
                 cache_mod.fill(writer, model, ids, rows, micro, device, accelerator.autocast, on_rows=advance)

@@ -19,16 +19,16 @@ from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export.gguf import llamacpp
 from edgeconv.export.gguf.arch import gguf_arch_for
-from edgeconv.export.gguf.writer import (FLOAT_TYPES, check_free_space, disk_nearly_full, is_disk_full,
-                                         not_enough_space, plan_gguf)
+from edgeconv.export.gguf.writer import (check_free_space, disk_nearly_full, is_disk_full, not_enough_space,
+                                         plan_gguf)
 from edgeconv.export.parity import (PROMPTS, Parity, ReferenceOptions, compare, gate, prompt_ids, reference_options,
                                    torch_logits)
 from edgeconv.families.base import routed_experts
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import remove_stale_temps, sha256_file, temp_path
+from edgeconv.quant import get_quant
 
-GGUF_QUANTS = list(FLOAT_TYPES) + list(llamacpp.QUANT_FTYPES)
 SIDE_FILES_BYTES = 1024**2  # NAME.parity.json, NAME.Modelfile, NAME.md: a few KB
 
 
@@ -72,14 +72,13 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
                 imatrix_tokens: int = 8192, reference: ReferenceOptions | None = None) -> GgufExport:
     """`reference`: how the torch model the GGUF is checked against runs (device, dtype, whole or layer by
     layer; by default float32, the whole model when it fits in memory, else layer by layer)."""
-    if quant not in GGUF_QUANTS:
-        raise EdgeconvError(f"unknown GGUF quantization {quant!r}", f"use one of {', '.join(GGUF_QUANTS)}")
+    is_float = get_quant("gguf", quant).float_type is not None  # unknown names refused with the known ones
     (reference or ReferenceOptions()).check()
     out = Path(out).absolute()
     _check_out(out, force)
     ckpt = Checkpoint.open(model)
     gguf_arch_for(ckpt.config)  # unsupported architectures fail before any work
-    if imatrix_data is not None and quant in FLOAT_TYPES:
+    if imatrix_data is not None and is_float:
         raise EdgeconvError(f"--imatrix-data applies to quantized types, not {quant}", "drop it or pick e.g. Q4_K_M")
     if imatrix_data is not None:
         from edgeconv.io.text_data import check_data
@@ -88,20 +87,20 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     remove_stale_temps(out)  # killed runs' temp directories, whole-size float GGUFs included
     # Quantize from a lossless float file: BF16 for bf16 sources, F32 otherwise.
     source_dtype = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")
-    base = quant if quant in FLOAT_TYPES else ("BF16" if source_dtype == "bfloat16" else "F32")
-    what = f"the {quant} GGUF export {out.name}" + ("" if quant in FLOAT_TYPES else f" and its {base} intermediate")
+    base = quant if is_float else ("BF16" if source_dtype == "bfloat16" else "F32")
+    what = f"the {quant} GGUF export {out.name}" + ("" if is_float else f" and its {base} intermediate")
     plan, needed = None, 0
     tmp = temp_path(out)
     try:
         plan = plan_gguf(ckpt.path, base, tokenizer_pre)
         needed = plan.nbytes + SIDE_FILES_BYTES
-        if quant not in FLOAT_TYPES:  # the float file and the quantized one are both on disk at the end
+        if not is_float:  # the float file and the quantized one are both on disk at the end
             needed += llamacpp.quantized_bytes_bound(plan.tensors(), quant, plan.metadata_bytes)
         check_free_space(out.parent, needed, what)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         staged = tmp / out.name
-        if quant in FLOAT_TYPES:
+        if is_float:
             info = plan.write(staged)
             plan.close()
         else:

@@ -27,6 +27,7 @@ from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import (atomic_output_dir, check_can_write, remove_stale_temps, sha256_file,
                                    stage_key, temp_path, write_manifest)
+from edgeconv.quant import get_quant
 
 
 @dataclass
@@ -92,8 +93,7 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", *, 
                 prompts: list[str] = PROMPTS, reference: ReferenceOptions | None = None) -> OnnxExport:
     """optimum-onnx export (fp32), then fp16 / dynamic int8 / int4 MatMulNBits, checked against torch (run as
     `reference` says: device, dtype, whole or layer by layer)."""
-    if precision not in ox.PRECISIONS:
-        raise EdgeconvError(f"unknown ONNX precision {precision!r}", f"use one of {', '.join(ox.PRECISIONS)}")
+    get_quant("onnx", precision)  # unknown names refused with the known ones
     (reference or ReferenceOptions()).check()
     out = Path(out).absolute()
     _check_out(out, force)
@@ -123,9 +123,7 @@ def export_onnx_genai(model: str | Path, out: str | Path, precision: str = "int4
                       force: bool = False, prompts: list[str] = PROMPTS,
                       reference: ReferenceOptions | None = None) -> OnnxExport:
     """onnxruntime-genai's model builder on a dense student, then parity through onnxruntime-genai itself."""
-    if precision not in ox.GENAI_PRECISIONS:
-        raise EdgeconvError(f"unknown precision {precision!r} for onnx-genai",
-                            f"use one of {', '.join(ox.GENAI_PRECISIONS)}")
+    get_quant("onnx-genai", precision)  # unknown names (int8: the builder has none) refused with the known ones
     if execution_provider not in ox.GENAI_PROVIDERS:
         raise EdgeconvError(f"unknown execution provider {execution_provider!r}",
                             f"use one of {', '.join(ox.GENAI_PROVIDERS)}")

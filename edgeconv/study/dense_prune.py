@@ -14,38 +14,15 @@ layer-at-a-time calibration is what scales to large checkpoints.
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from edgeconv.errors import EdgeconvError
 from edgeconv.families.base import looks_moe, routed_experts
 from edgeconv.io.checkpoint import Checkpoint
-from edgeconv.io.guard import guarded
-from edgeconv.io.output_dir import (
-    atomic_output_dir,
-    check_can_write,
-    finished_output,
-    sha256_file,
-    stage_key,
-    write_manifest,
-)
 
-STAGE = "prune"
 # Dense decoders whose layers hold mlp.{gate,up,down}_proj and self_attn.{q,k,v,o}_proj (q/k norms, if any,
 # act per head and are shared across heads, so they survive head pruning unchanged).
 DENSE_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
-
-
-@dataclass
-class PruneResult:
-    out: Path
-    skipped: bool
-    manifest: dict
 
 
 def check_dense_source(ckpt: Checkpoint) -> str:
@@ -158,97 +135,6 @@ def pruned_state(model, imp: dict, ffn_width: int, kv_heads: int) -> tuple[dict,
         state[f"{p}self_attn.o_proj.weight"] = state[f"{p}self_attn.o_proj.weight"][:, q_rows]
         kept[i] = {"kept_channels": ch, "kv_groups": groups}
     return state, kept
-
-
-@guarded("out", "dense", "data")
-def prune(
-    dense: str | Path,
-    out: str | Path,
-    *,
-    data: str | Path | None = None,
-    ffn_width: int | None = None,
-    params: int | None = None,
-    kv_heads: int | None = None,
-    tokens: int = 16384,
-    seq_len: int = 512,
-    force: bool = False,
-    progress: bool = True,
-) -> PruneResult:
-    """Width-prune DENSE to `ffn_width` FFN channels (or to at most `params` parameters) and `kv_heads`
-    key/value groups per layer. One of ffn_width / params is required."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from edgeconv.io.text_data import token_sequences
-    from edgeconv.stages.calibrate import load_tokenizer
-
-    out = Path(out)
-    ckpt = Checkpoint.open(dense)
-    arch = check_dense_source(ckpt)
-    config = ckpt.config
-    heads, kv, d = attention_shape(config)
-    kv_heads = kv_heads or kv
-    if not 1 <= kv_heads <= kv:
-        raise EdgeconvError(f"--kv-heads {kv_heads}: the model has {kv} key/value heads", f"choose 1..{kv}")
-    if (ffn_width is None) == (params is None):
-        raise EdgeconvError("give exactly one of --ffn-width and --params", "e.g. --ffn-width 512")
-    if params is not None:
-        ffn_width = width_for_params(config, params, kv_heads)
-    if not 1 <= ffn_width <= config["intermediate_size"]:
-        raise EdgeconvError(f"--ffn-width {ffn_width}: the model's FFN has {config['intermediate_size']} channels",
-                            f"choose 1..{config['intermediate_size']}")
-    if data is None:
-        from edgeconv.demo import CALIBRATION_DATA
-
-        data = CALIBRATION_DATA
-    tokenizer = load_tokenizer(ckpt)
-    ids, data_info = token_sequences(tokenizer, Path(data), tokens, seq_len)
-    import hashlib
-
-    data_info["sha256"] = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
-    inputs = {"model_fingerprint": ckpt.fingerprint, "tokens_sha256": data_info["sha256"]}
-    options = {"ffn_width": ffn_width, "kv_heads": kv_heads, "importance": "minitron-activation"}
-    key = stage_key(STAGE, inputs, options)
-    done = finished_output(out, STAGE, key)
-    if done:
-        return PruneResult(out, True, done)
-    check_can_write(out, force, key)  # before the heavy work, not at its end
-
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
-    imp = importance(model, ids)
-    state, kept = pruned_state(model, imp, ffn_width, kv_heads)
-    new_config = AutoConfig.from_pretrained(ckpt.path)
-    new_config.intermediate_size = ffn_width
-    new_config.num_key_value_heads = kv_heads
-    new_config.num_attention_heads = kv_heads * (heads // kv)
-    new_config.head_dim = d  # explicit: hidden_size / heads would no longer give it
-    with torch.device("meta"):
-        small = AutoModelForCausalLM.from_config(new_config, dtype=torch.float32)
-    small.load_state_dict(state, assign=True, strict=True)
-    small = small.to(ckpt_dtype(config, torch.float32))
-    with atomic_output_dir(out, force, key) as tmp:
-        small.save_pretrained(tmp, safe_serialization=True)
-        for path in ckpt.sidecar_files():
-            if path.name not in ("config.json",) and not (tmp / path.name).exists():
-                shutil.copy(path, tmp / path.name)
-        (tmp / "importance.json").write_text(json.dumps(
-            {str(i): {"channels": v["channels"].tolist(), "heads": v["heads"].tolist(), **kept[i]}
-             for i, v in imp.items()}) + "\n")
-        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-        summary = {
-            "architecture": arch,
-            "source_params": param_count(config),
-            "params": sum(p.numel() for p in small.parameters()),
-            "ffn_width": ffn_width,
-            "source_ffn_width": config["intermediate_size"],
-            "kv_heads": kv_heads,
-            "attention_heads": new_config.num_attention_heads,
-            "calibration_tokens": int(ids.numel()),
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        manifest = write_manifest(tmp, STAGE, key, {**inputs, "model": str(ckpt.path), "data": str(data)},
-                                  options, files, summary)
-    return PruneResult(out, False, manifest)
 
 
 def ckpt_dtype(config: dict, fallback: torch.dtype) -> torch.dtype:

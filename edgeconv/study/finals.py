@@ -7,11 +7,13 @@ so a killed sweep picks up inside the distillation it was running.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 from edgeconv.study.prescreen import append_row, read_rows, report_metrics
+
+logger = logging.getLogger(__name__)
 
 ROWS = "final.jsonl"
 
@@ -38,6 +40,22 @@ def _distill_row(name: str, kind: str, result, params: int, metrics: dict, undis
             "undistilled": undistilled, **extra}
 
 
+class FinalRows:
+    """final.jsonl: the rows found there (a resumed run skips them) and the rows of this run, in order."""
+
+    def __init__(self, out: Path):
+        self.path = out / ROWS
+        self.done = {r["name"]: r for r in read_rows(self.path)}
+        self.rows: list[dict] = []
+
+    def keep(self, row: dict) -> dict:
+        if row["name"] not in self.done:
+            append_row(self.path, row)
+            self.done[row["name"]] = row
+        self.rows.append(self.done[row["name"]])
+        return self.done[row["name"]]
+
+
 def run_finals(
     model: Path,
     out: Path,
@@ -49,29 +67,18 @@ def run_finals(
     distill_options: dict,
     eval_data: Path,
     eval_options: dict,
-    prescreen_options: dict,
-    dense: Path | None,
     progress: bool = True,
-    log: Callable[[str], None] = lambda msg: None,
-) -> tuple[list[dict], dict | None]:
+) -> list[dict]:
+    """The teacher evaluated, then the finalists (choose_finalists) assembled, distilled and evaluated."""
     from edgeconv.config import DistillConfig
     from edgeconv.stages.assemble import assemble
     from edgeconv.stages.distill import distill
 
     cfg = DistillConfig.make(tokens=distill_tokens, **distill_options)
-    rows_path = out / ROWS
-    done = {r["name"]: r for r in read_rows(rows_path)}
-    final: list[dict] = []
-
-    def keep(row: dict) -> dict:
-        if row["name"] not in done:
-            append_row(rows_path, row)
-            done[row["name"]] = row
-        final.append(done[row["name"]])
-        return done[row["name"]]
-
+    final = FinalRows(out)
+    done, keep = final.done, final.keep
     if "teacher" not in done:
-        log(f"final: evaluating the teacher {model.name}")
+        logger.info(f"final: evaluating the teacher {model.name}")
     keep(done.get("teacher") or {"name": "teacher", "kind": "reference", "params": None, "source": str(model),
                                   **_evaluate(model, eval_data, eval_options)})
     finalists = choose_finalists(rows, top)
@@ -81,53 +88,68 @@ def run_finals(
             continue
         slug = r["name"].replace("/", "_")
         base = out / "final" / slug
-        log(f"final [{i}/{len(finalists)}] {r['name']}: assemble, distill {cfg.trained_tokens:,} tokens, evaluate")
+        logger.info(f"final [{i}/{len(finalists)}] {r['name']}: assemble, distill {cfg.trained_tokens:,} tokens, "
+                    "evaluate")
         assembled = assemble(model, out / "plans" / f"{slug}.json", base / "student", progress=False)
-        result = distill(model, base / "student", distill_data, base / "distilled", cfg, progress=progress, log=log)
+        result = distill(model, base / "student", distill_data, base / "distilled", cfg, progress=progress)
         keep(_distill_row(r["name"], "moe-to-dense", result, assembled.manifest["summary"]["dense_params"],
                           _evaluate(base / "distilled", eval_data, eval_options),
                           {k: r.get(k) for k in ("ppl", "perplexity", "choice_acc", "choice_acc_norm")},
                           {"variant": {k: r[k] for k in ("scoring", "grouping", "scaling", "experts", "groups")},
                            "paper_default": bool(r.get("paper_default")), "prescreen_ppl": r.get("ppl")}))
-    comparison = None
-    if dense is not None:
-        comparison = _dense_baseline(model, out, dense, finalists, cfg, distill_data, eval_data, eval_options,
-                                     prescreen_options, done, keep, progress, log)
-    return final, comparison
+    return final.rows
 
 
-def _dense_baseline(model, out, dense, finalists, cfg, distill_data, eval_data, eval_options, prescreen_options,
-                    done, keep, progress, log) -> dict | None:
+def run_dense_baseline(
+    out: Path,
+    rows: list[dict],
+    dense: Path,
+    *,
+    top: int,
+    distill_tokens: int,
+    distill_data: Path,
+    distill_options: dict,
+    eval_data: Path,
+    eval_options: dict,
+    prescreen_options: dict,
+    progress: bool = True,
+) -> tuple[list[dict], dict | None]:
+    """The dense source evaluated, then pruned to the size of the finalists' reference (the paper's default if it
+    is one), distilled from itself with the same budget and evaluated; its rows and the comparison with that
+    reference (None when no finalist has a row yet)."""
+    from edgeconv.config import DistillConfig
     from edgeconv.io.checkpoint import resolve_model_path
     from edgeconv.stages.distill import distill
-    from edgeconv.study.dense_prune import prune
+    from edgeconv.stages.prune import prune
 
+    cfg = DistillConfig.make(tokens=distill_tokens, **distill_options)
+    final = FinalRows(out)
+    done, keep = final.done, final.keep
     dense = resolve_model_path(dense)  # a demo name or hub id -> its directory
-    moe_rows = [done[r["name"]] for r in finalists if r["name"] in done]
+    moe_rows = [done[r["name"]] for r in choose_finalists(rows, top) if r["name"] in done]
     if not moe_rows:
-        return None
+        return [], None
     reference = next((r for r in moe_rows if r.get("paper_default")), moe_rows[0])
     name = f"dense-to-dense/{Path(dense).name}"
     if f"dense source/{Path(dense).name}" not in done:
-        log(f"final: evaluating the dense source {dense}")
+        logger.info(f"final: evaluating the dense source {dense}")
     keep(done.get(f"dense source/{Path(dense).name}") or {
         "name": f"dense source/{Path(dense).name}", "kind": "reference", "params": None, "source": str(dense),
         **_evaluate(Path(dense), eval_data, eval_options)})
     if name not in done:
         base = out / "final" / "dense-to-dense"
-        log(f"final: {name}: prune to {reference['params']:,} parameters, distill {cfg.trained_tokens:,} tokens "
-            "from the dense source, evaluate")
+        logger.info(f"final: {name}: prune to {reference['params']:,} parameters, distill {cfg.trained_tokens:,} "
+                    "tokens from the dense source, evaluate")
         pruned = prune(dense, base / "pruned", params=reference["params"], progress=progress)
         undistilled = _evaluate(base / "pruned", eval_data, prescreen_options)
-        result = distill(dense, base / "pruned", distill_data, base / "distilled", cfg, progress=progress, log=log)
+        result = distill(dense, base / "pruned", distill_data, base / "distilled", cfg, progress=progress)
         keep(_distill_row(name, "dense-to-dense", result, pruned.manifest["summary"]["params"],
                           _evaluate(base / "distilled", eval_data, eval_options),
                           {k: undistilled.get(k) for k in ("ppl", "perplexity", "choice_acc", "choice_acc_norm")},
                           {"pruned": {k: pruned.manifest["summary"][k] for k in ("ffn_width", "kv_heads", "source_params")}}))
     else:
         keep(done[name])
-    baseline = done[name]
-    return compare(reference, baseline)
+    return final.rows, compare(reference, done[name])
 
 
 def compare(moe: dict, dense: dict) -> dict:

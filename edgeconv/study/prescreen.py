@@ -10,9 +10,9 @@ yield the same plan (same digest) are assembled and evaluated once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -20,6 +20,8 @@ from pathlib import Path
 from edgeconv.progress import item_progress
 from edgeconv.study.variants import Variant, plan_digest
 from edgeconv.training.metrics import read as read_rows  # the same tolerant JSONL reader
+
+logger = logging.getLogger(__name__)
 
 ROWS = "prescreen.jsonl"
 
@@ -74,7 +76,6 @@ def prescreen(
     threads: int = 1,
     keep: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] = lambda msg: None,
 ) -> list[dict]:
     """Rows (one per variant, in grid order) with the student's pre-distillation metrics."""
     from edgeconv.planning.from_stats import stats_plan
@@ -100,8 +101,8 @@ def prescreen(
         else:
             pending.setdefault(digest, []).append(v)
     if pending:
-        log(f"prescreen: {len(pending)} distinct students to assemble and evaluate "
-            f"({sum(map(len, pending.values()))} variants; {len(done)} already done) -> {rows_path}")
+        logger.info(f"prescreen: {len(pending)} distinct students to assemble and evaluate "
+                    f"({sum(map(len, pending.values()))} variants; {len(done)} already done) -> {rows_path}")
     students = out / "students"
     with item_progress(progress) as bar, ProcessPoolExecutor(max_workers=max(1, jobs),
                                                              mp_context=get_context("spawn")) as pool:

@@ -14,6 +14,7 @@ fsdp_accelerate_config.yaml beside this file), and does nothing in a plain singl
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -31,6 +32,8 @@ from edgeconv.training.losses import forward_kl, next_token_ce, topk_kl
 from edgeconv.training.metrics import MetricsLog
 from edgeconv.training.packing import check_split, step_rows
 from edgeconv.training.teacher_cache import TeacherCache
+
+logger = logging.getLogger(__name__)
 
 # Test hook: SIGKILL the main process once this step is done (logged, and checkpointed if one is due): the
 # resume tests.
@@ -79,8 +82,7 @@ class TrainOutcome:
 
 
 def train(accelerator, student: torch.nn.Module, teacher, ids: torch.Tensor, order: torch.Tensor,
-          cfg: DistillConfig, work: Path, run_key: str, progress: bool = True,
-          log: Callable[[str], None] = lambda msg: None) -> tuple[torch.nn.Module, TrainOutcome]:
+          cfg: DistillConfig, work: Path, run_key: str, progress: bool = True) -> tuple[torch.nn.Module, TrainOutcome]:
     """Train `student` (in place; returned wrapped by accelerate) from its last checkpoint in `work`."""
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = check_split(cfg.batch_size, cfg.grad_accum, world)
@@ -104,7 +106,7 @@ def train(accelerator, student: torch.nn.Module, teacher, ids: torch.Tensor, ord
         train_state.check_supported(accelerator, cfg.steps)  # before training, not at the first checkpoint
     if found:
         start = train_state.load(accelerator, found[1], run_key, **state)
-        log(f"resumed from {found[1]} (step {start} of {cfg.steps})")
+        logger.info(f"resumed from {found[1]} (step {start} of {cfg.steps})")
     metrics = MetricsLog(Path(work) / "metrics.jsonl", start, enabled=accelerator.is_main_process)
     kill_after = int(os.environ.get(KILL_AFTER_STEP, "-1"))
 

@@ -14,16 +14,10 @@ from typing import Iterator
 import numpy as np
 
 from edgeconv.errors import EdgeconvError
+from edgeconv.quant import get_quant
 
-# `edgeconv export --quant` names -> llama.cpp file types (llama_ftype).
-QUANT_FTYPES = {
-    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
-    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-}
-K_QUANTS = {"Q6_K", "Q5_K_M", "Q4_K_M"}
+# `edgeconv export --quant` names, their llama.cpp file types (llama_ftype), k-quant flags and widest types:
+# edgeconv.quant's table.
 
 
 def _llama_cpp():
@@ -90,7 +84,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatr
     """
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANT_FTYPES[quant])
+    params.ftype = getattr(llama_cpp, get_quant("gguf", quant).llama_ftype)
     params.nthread = threads or os.cpu_count() or 1
     keep = []  # the C array points into these buffers: keep them alive during the call
     if imatrix:
@@ -116,10 +110,10 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatr
 
 
 # An upper bound on a quantized file's size, for the free-space check before an export starts. Per --quant,
-# the widest type llama.cpp's mix gives an ordinary weight; the output, the embeddings and attention k/v may be
-# bumped up to Q8_0 in any mix; a row width that is not a multiple of 256 makes k-quants fall back (at most
-# to Q8_0), one that is not a multiple of 32 leaves the tensor F16. 1-D tensors and router weights stay F32.
-QUANT_WIDEST = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q6_K", "Q4_K_M": "Q6_K", "Q4_0": "Q5_1"}
+# the widest type llama.cpp's mix gives an ordinary weight (edgeconv.quant: QuantType.widest); the output, the
+# embeddings and attention k/v may be bumped up to Q8_0 in any mix; a row width that is not a multiple of 256
+# makes k-quants fall back (at most to Q8_0), one that is not a multiple of 32 leaves the tensor F16. 1-D tensors
+# and router weights stay F32.
 BUMPED = re.compile(r"^(output|token_embd)\.|\.attn_(k|v|qkv|kv_b|k_b|v_b)\.weight$")
 
 
@@ -128,7 +122,7 @@ def quantized_bytes_bound(tensors, quant: str, metadata_bytes: int) -> int:
     import gguf
 
     sizes, types = gguf.GGML_QUANT_SIZES, gguf.GGMLQuantizationType
-    widest, q8 = types[QUANT_WIDEST[quant]], types.Q8_0
+    widest, q8 = types[get_quant("gguf", quant).widest], types.Q8_0
     total = metadata_bytes
     for name, shape, kept_f32 in tensors:
         n = int(np.prod(shape))
@@ -160,7 +154,7 @@ def type_mix(types: dict[str, str]) -> dict[str, int]:
 
 def k_quant_fallbacks(types: dict[str, str], quant: str) -> list[str]:
     """2-D weights a k-quant export left in a non-k type (input width not a multiple of 256)."""
-    if quant not in K_QUANTS:
+    if not get_quant("gguf", quant).k_quant:
         return []
     ok = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "F32"}
     return sorted(n for n, t in types.items() if t not in ok and not n.endswith(("norm.weight", ".bias")))

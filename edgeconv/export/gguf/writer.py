@@ -23,12 +23,8 @@ from edgeconv.errors import EdgeconvError
 from edgeconv.export.gguf.arch import GgufArch, family_adapter, gguf_arch_for, permute_for_llama_rope
 from edgeconv.export.gguf.vocab import add_vocab
 from edgeconv.io.checkpoint import Checkpoint
+from edgeconv.quant import get_quant, quants
 
-FLOAT_TYPES = {
-    "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-    "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-}
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 # Small tensors llama.cpp keeps in F32 whatever the file type (its converter does the same).
@@ -219,13 +215,15 @@ def _file_bytes(writer: gguf.GGUFWriter) -> tuple[int, int]:
 
 def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None) -> GgufPlan:
     """Declare `model_dir` as a GGUF of float type `ftype`: everything but the tensor data, which `write` streams."""
-    if ftype not in FLOAT_TYPES:
-        raise EdgeconvError(f"{ftype} is not a float GGUF type", f"use one of {', '.join(FLOAT_TYPES)}")
+    floats = [q.name for q in quants("gguf") if q.float_type]  # the types edgeconv writes itself (edgeconv.quant)
+    if ftype not in floats:
+        raise EdgeconvError(f"{ftype} is not a float GGUF type", f"use one of {', '.join(floats)}")
+    entry = get_quant("gguf", ftype)
     ckpt = Checkpoint.open(model_dir)
     writer = None
     try:
         spec = gguf_arch_for(ckpt.config)
-        qtype, file_type = FLOAT_TYPES[ftype]
+        qtype, file_type = gguf.GGMLQuantizationType[entry.float_type], gguf.LlamaFileType[entry.ftype]
         items = _items(ckpt, spec)
         writer = gguf.GGUFWriter(None, spec.name)
         writer.add_name(Path(model_dir).name)

@@ -22,9 +22,8 @@ import numpy as np
 
 from edgeconv.errors import EdgeconvError
 from edgeconv.families.base import routed_experts
+from edgeconv.quant import get_quant
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
-GENAI_PRECISIONS = ("fp32", "fp16", "int4")
 GENAI_PROVIDERS = ("cpu", "cuda")
 INT4_BLOCK = 32
 
@@ -283,6 +282,7 @@ def _remove_model(path: Path) -> None:
 
 def convert_precision(model_path: Path, precision: str) -> dict:
     """Rewrite model.onnx (fp32) in place as `precision`; returns what was done (for parity.json)."""
+    get_quant("onnx", precision)  # an unknown name: refused with the known ones, before any file moves
     if precision == "fp32":
         return {}
     work = model_path.with_name("fp32-" + model_path.name)
@@ -312,7 +312,8 @@ def convert_precision(model_path: Path, precision: str) -> dict:
         _save(model, model_path, large)
         info = {"method": "onnxruntime.transformers.float16", "keep_io_types": True}
     else:
-        raise EdgeconvError(f"unknown ONNX precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
+        raise EdgeconvError(f"edgeconv.quant lists ONNX {precision} but convert_precision has no converter for it",
+                            "a bug in edgeconv: pick another --quant")
     _remove_model(work)
     info["op_types"] = op_type_counts(model_path)
     return info

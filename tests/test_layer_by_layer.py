@@ -307,3 +307,15 @@ def test_activations_stay_bounded_by_chunks(random_checkpoints, monkeypatch):
     assert lbl.passes == 3 and stores == [((2, 32, 32), False)] * 3
     want = LayerByLayerModel(src, device="cpu", dtype="float32").full_logits(seqs)
     assert all(np.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_casting_experts_on_use_gives_the_same_logits(arch, random_checkpoints):
+    """The parity reference casts each routed expert when tokens reach it (one layer as stored in memory, not fp32
+    copies of every expert); the logits are bitwise those of casting the whole layer first."""
+    ckpt = random_checkpoints[arch][1]
+    ids = prompts()
+    whole = LayerByLayerModel(ckpt, device="cpu", dtype="float32").full_logits(ids)
+    on_use = LayerByLayerModel(ckpt, device="cpu", dtype="float32", prefetch=False, cast_on_use=True).full_logits(ids)
+    for a, b in zip(whole, on_use, strict=True):
+        assert np.array_equal(a, b)

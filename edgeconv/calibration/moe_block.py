@@ -9,6 +9,9 @@ It is built in two steps, so that a layer can be read on a background thread whi
 the constructor reads the tensors in the dtype they are stored in (held on the CPU); `materialize(device)` casts
 them to the compute dtype and moves them to the device, one expert at a time, just before the layer runs (or at
 the first call). A prefetched layer therefore holds its stored (usually bf16) bytes, not fp32 copies.
+With `cast_on_use`, the experts stay as stored and each is cast when tokens are routed to it, then dropped: for a
+single pass over a few tokens (the parity reference) the layer then costs its stored bytes, not fp32 copies of
+every expert (2.4 GB for a Qwen3-30B-A3B layer), at the price of one cast per expert per call.
 
 `CalibratedMoeBlock` is the same computation collecting expert statistics as it goes (calibration): it
 accumulates what the scorers need from the very expert outputs of the forward, so the statistics cost little
@@ -33,8 +36,9 @@ def _moved(ffn: Ffn, device: torch.device, dtype: torch.dtype) -> Ffn:
 class RoutedMoeBlock:
     """The MoE block of `layer`: router, routed experts and shared expert, read from `ckpt` by the adapter."""
 
-    def __init__(self, family: MoEFamily, ckpt: Checkpoint, layer: int, dtype: torch.dtype = torch.float32):
-        self.family, self.layer, self.dtype = family, layer, dtype
+    def __init__(self, family: MoEFamily, ckpt: Checkpoint, layer: int, dtype: torch.dtype = torch.float32,
+                 cast_on_use: bool = False):
+        self.family, self.layer, self.dtype, self.cast_on_use = family, layer, dtype, cast_on_use
         self.router_weight, self.router_bias = family.read_router(ckpt, layer)
         self.experts = [family.read_expert(ckpt, layer, e) for e in range(family.num_experts)]
         self.shared = family.read_shared(ckpt, layer)
@@ -48,8 +52,9 @@ class RoutedMoeBlock:
         device = torch.device(device)
         cast = lambda t: t.to(device=device, dtype=self.dtype) if t is not None else None  # noqa: E731
         self.router_weight, self.router_bias = cast(self.router_weight), cast(self.router_bias)
-        for e in range(len(self.experts)):
-            self.experts[e] = _moved(self.experts[e], device, self.dtype)
+        if not self.cast_on_use:
+            for e in range(len(self.experts)):
+                self.experts[e] = _moved(self.experts[e], device, self.dtype)
         self.shared = _moved(self.shared, device, self.dtype) if self.shared is not None else None
         self.shared_gate = cast(self.shared_gate)
         self.device = device
@@ -67,7 +72,9 @@ class RoutedMoeBlock:
         out = torch.zeros_like(x)
         for e in torch.unique(ids).tolist():
             token_idx, slot = torch.where(ids == e)
-            y = family.ffn_forward(self.experts[e], x[token_idx])
+            expert = _moved(self.experts[e], self.device, self.dtype) if self.cast_on_use else self.experts[e]
+            y = family.ffn_forward(expert, x[token_idx])
+            del expert
             g = weights[token_idx, slot]
             out.index_add_(0, token_idx, (y * (g * self.routed_scale).unsqueeze(1).to(y.dtype)))
             self._routed(e, g, y)

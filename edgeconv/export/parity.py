@@ -173,8 +173,12 @@ def torch_logits(model_dir, token_ids: list[list[int]]) -> list[np.ndarray]:
     try:
         if use_layer_by_layer(ckpt, "parity reference", dtype, device, opts.layer_by_layer,
                               one_pass_above=ONE_PASS_ABOVE):
+            # A few prompts, one pass: each expert is cast when reached and the next layer is not read ahead,
+            # so the reference holds one layer as stored (a prefetched layer would double that for a read that
+            # overlaps almost no compute).
             lbl = LayerByLayerModel(ckpt, device=device, dtype=dtype, batch_size=len(token_ids),
-                                    max_activation_bytes=opts.max_activation_bytes)
+                                    max_activation_bytes=opts.max_activation_bytes, prefetch=False,
+                                    cast_on_use=True)
             return lbl.full_logits(token_ids)
     finally:
         ckpt.close()

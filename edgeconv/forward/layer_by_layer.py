@@ -208,7 +208,9 @@ class LayerByLayerModel:
     def __init__(self, model: str | Path | Checkpoint, *, device: str | torch.device = "auto",
                  dtype: str | torch.dtype = "auto", batch_size: int = 8, chunk_sequences: int | None = None,
                  max_activation_bytes: int = ForwardOptions.max_activation_bytes, spill_dir: Path | None = None,
-                 prefetch: bool = True, logits_bytes: int = LOGITS_BYTES):
+                 prefetch: bool = True, logits_bytes: int = LOGITS_BYTES, cast_on_use: bool = False):
+        """`cast_on_use`: cast each routed expert when tokens reach it instead of the whole layer before it runs
+        (RoutedMoeBlock): for one pass over a few tokens, the layer then costs its stored bytes only."""
         self.ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -222,7 +224,7 @@ class LayerByLayerModel:
         if self.family is not None:
             self.family.check_checkpoint(self.ckpt)
             family, ckpt, dt = self.family, self.ckpt, self.dtype
-            make_block = lambda layer: RoutedMoeBlock(family, ckpt, layer, dt)  # noqa: E731
+            make_block = lambda layer: RoutedMoeBlock(family, ckpt, layer, dt, cast_on_use)  # noqa: E731
         self.runner = LayerRunner(
             self.ckpt, self.family, make_block, dtype=self.dtype, device=self.device,
             max_activation_bytes=max_activation_bytes, spill_dir=spill_dir, prefetch=prefetch,

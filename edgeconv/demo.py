@@ -2,7 +2,7 @@
 
 `demo-moe` (the default MODEL of every command) is a 16-expert top-2 Qwen3-MoE trained from scratch for this
 project; `demo-dense` is a dense Qwen3 with the same total parameters trained on the same data for the same
-wall-clock time. Both were trained by benchmarks/demo/train.py; their card is in the README.
+wall-clock time. Both were trained by benchmarks/demo/train.py; their card is docs/demo-models.md.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "floa
 LOGITS_BYTES = 256 * 1024**2  # logits made at once by the head (rows of a batch at a time)
 SAFETY = 0.7  # the share of the available memory a whole model may fill
 ALLOWANCE = 1024**3  # activations, loading transients and the rest of the process, next to the weights
-ONE_PASS_ABOVE = 1024**3  # work done in one pass (parity prompts) runs layer by layer above this many weight bytes
+ONE_PASS_ABOVE = 256 * 1024**2  # work done in one pass (parity prompts) runs layer by layer above this many weight
+# bytes: loading a whole model costs a transient second copy (stored dtype, then fp32), one layer at a time does not
 
 
 @dataclass(frozen=True)

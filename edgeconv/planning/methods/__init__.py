@@ -1,4 +1,4 @@
-"""The method registries: how experts are scored, grouped and scaled (see README.md, "Plans")."""
+"""The method registries: how experts are scored, grouped and scaled (see docs/method.md, "Plans")."""
 
 from edgeconv.planning.methods import grouping, scaling, scoring
 from edgeconv.planning.methods.grouping import GROUPINGS, merge_weights

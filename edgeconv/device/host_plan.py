@@ -314,7 +314,7 @@ def measure(dense_config: dict, device: str = "cpu", seconds: float = MEASURE_SE
         times: list[float] = []
         while sum(times) < seconds and not (times and first > seconds / 4 and len(times) >= 2):
             times.append(step())
-    del model, x
+    model = x = None  # frees them (the closures above hold these cells)
     # The first quartile of the passes: a neighbour's bursts only slow some of them (2 vCPUs here vary 3x).
     elapsed = sorted(times)[len(times) // 4]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -282,7 +282,7 @@ class LayerByLayerModel:
         for chunk in self._chunks(order, lengths):
             batches, parts = self._batches(chunk, seqs)
 
-            def on_output(b: int, hidden: torch.Tensor, head: Callable) -> None:
+            def on_output(b: int, hidden: torch.Tensor, head: Callable, parts=parts) -> None:
                 part = parts[b]
                 step = max(1, self.logits_bytes // max(1, vocab_row(hidden.shape[1])))
                 for r in range(0, len(part), step):
@@ -363,7 +363,7 @@ class LayerByLayerModel:
         while parts:
             picked: list[list[int]] = [[] for _ in parts]
 
-            def pick(b: int, hidden: torch.Tensor, head: Callable) -> None:
+            def pick(b: int, hidden: torch.Tensor, head: Callable, picked=picked, parts=parts) -> None:
                 tokens = head(hidden[:, -1:])[:, -1].argmax(-1).tolist()
                 picked[b] = tokens
                 for i, token in zip(parts[b], tokens):

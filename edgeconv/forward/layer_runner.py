@@ -484,7 +484,7 @@ class LayerRunner:
                 on_output(b, acts.data[rows[b]:rows[b + 1], :batch.shape[1]], head)
         finally:
             model.model.norm.to("meta")
-            del weight, bias
+            weight = bias = None  # frees the head (the closure above holds these cells)
             release_freed_memory()
 
 

@@ -5,19 +5,34 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import sys
+import tomllib
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
-from edgeconv import __version__
+from edgeconv import __version__, api
+from edgeconv.config import (
+    CALIBRATION_SEQ_LEN,
+    CALIBRATION_TOKENS,
+    BuildConfig,
+    ConfigError,
+    ConvertConfig,
+    DistillConfig,
+    ExportConfig,
+    Options,
+    SweepConfig,
+    flag,
+)
 from edgeconv.demo import DEFAULT_MODEL
 from edgeconv.errors import EdgeconvError
 from edgeconv.quant import describe, listing
 
-BUILD_FORMATS = ("gguf", "onnx-genai")  # what a target profile can run (edgeconv.device.profiles)
+BUILD_FORMATS = BuildConfig.choices("format")  # what a target profile can run (edgeconv.device.profiles)
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -29,7 +44,7 @@ def parse_size(text: str) -> int:
     try:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except (ValueError, IndexError):
-        raise EdgeconvError(f"size {text!r} is not understood", "use a byte count or e.g. 500MB, 2GB")
+        raise EdgeconvError(f"size {text!r} is not understood", "use a byte count or e.g. 500MB, 2GB") from None
 
 
 def human_bytes(n: int) -> str:
@@ -61,15 +76,9 @@ def no_wait_option(fn):
 DEVICE_HELP = "auto (a GPU if there is one), cpu, cuda or cuda:N."
 
 
-def _forward_options(device: str, dtype: str, layer_by_layer: bool | None, chunk: int | None = None):
-    from edgeconv.forward.layer_by_layer import ForwardOptions
-
-    return ForwardOptions(device=device, dtype=dtype, layer_by_layer=layer_by_layer, chunk_sequences=chunk)
-
-
-def layer_by_layer_option(what: str, note: str = ""):
-    """`--layer-by-layer/--whole-model` (default: chosen from the model's size and the memory available)."""
-    return click.option("--layer-by-layer/--whole-model", "layer_by_layer", default=None,
+def layer_by_layer_option(what: str, note: str = "", default: bool | None = None):
+    """`--layer-by-layer/--whole-model` (default None: chosen from the model's size and the memory available)."""
+    return click.option("--layer-by-layer/--whole-model", "layer_by_layer", default=default,
                         help=f"Run {what} one decoder layer at a time (bounded memory: one layer plus the "
                              "activations) or whole [default: whole when it fits in memory; the choice is printed]."
                              + (f" {note}" if note else ""))
@@ -104,8 +113,119 @@ class EdgeconvGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EdgeconvError as exc:
-            click.echo(f"error: {exc.line()}", err=True)
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            click.echo(f"error: {error_line(exc, command)}", err=True)
             sys.exit(2)
+
+
+def option_field(param: click.Parameter) -> str:
+    """The config field an option sets: its long name (--distill-lr: distill_lr), the inverse of config.flag."""
+    if not isinstance(param, click.Option):
+        return param.name
+    long = [o for o in param.opts if o.startswith("--")]
+    return long[0][2:].replace("-", "_") if long else param.name
+
+
+def error_line(exc: EdgeconvError, command: click.Command | None) -> str:
+    """The one line the CLI prints: a ConfigError names the command's option (flag) where the library named the
+    config field."""
+    if not isinstance(exc, ConfigError):
+        return exc.line()
+    options = {option_field(p) for p in command.params if isinstance(p, click.Option)} if command else set()
+    problem, hint = exc.render(lambda field: flag(field) if field in options else field)
+    if exc.help and command is not None:
+        hint = f"see `edgeconv {command.name} --help`"
+    return EdgeconvError(problem, hint).line()
+
+
+def api_default(fn, name: str):
+    """The default of `fn`'s keyword `name` (edgeconv.api): the option default of the commands with no config."""
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default
+
+
+# --- configs: the options of convert, build, distill, export and sweep are edgeconv.config's fields ---------------
+
+RUN_INPUTS = ("model", "out")  # --config keys besides the config's fields: MODEL and --out
+
+
+def config_file_options(fn):
+    """`--config FILE` (options from TOML; the command line wins) and `--write-config FILE`."""
+    fn = click.option("--write-config", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+                      default=None, help="Write the resolved options (MODEL, --out and the rest) to this TOML "
+                                         "file ('-': print them), then go on; --config replays them.")(fn)
+    return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                        default=None, help="Read options from a TOML file (keys: the option names with "
+                                           "underscores, as --write-config writes them); options given on the "
+                                           "command line override it.")(fn)
+
+
+def resolve_config(cls: type[Options], params: dict, required: tuple[str, ...] = ()) -> Options:
+    """The command's config from its options and its --config file, validated; `params` (the command's keyword
+    arguments) get the file's MODEL and --out too. The file's values replace only options left at their default.
+    `required`: options required once the file is read (click's own error when still missing)."""
+    ctx = click.get_current_context()
+    params_by_key = {option_field(p): p for p in ctx.command.params}
+    config_file, write_config = params.pop("config_file", None), params.pop("write_config", None)
+    from_file, unknown = set(), {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise EdgeconvError(f"cannot read --config {config_file} ({exc})", "pass a TOML file of options, as "
+                                "--write-config writes") from None
+        for key, value in data.items():
+            param = params_by_key.get(key)
+            if param is None or not (key in cls.model_fields or key in RUN_INPUTS):
+                unknown[key] = value
+                continue
+            if ctx.get_parameter_source(param.name) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+                params[param.name] = Path(value) if key == "out" and isinstance(value, str) else value
+                from_file.add(key)
+    for key in required:
+        if params[params_by_key[key].name] is None:
+            raise click.MissingParameter(ctx=ctx, param=params_by_key[key])
+    fields = {f: params[params_by_key[f].name] for f in cls.model_fields if f in params_by_key}
+    try:
+        config = cls.validated(**fields, **unknown)
+    except ConfigError as exc:
+        if not any(f in from_file or f in unknown for f in exc.fields):
+            raise
+        problem, _ = exc.render(str)
+        raise EdgeconvError(f"--config {config_file}: {problem}", f"see `edgeconv {ctx.command.name} --help`") from None
+    if write_config is not None:
+        text = config_toml(ctx.command.name, config, model=params.get("model"), out=params.get("out_dir"))
+        if str(write_config) == "-":
+            click.echo(text, nl=False)
+        else:
+            write_config.write_text(text)
+            console.print(f"options written to {write_config} (replay: edgeconv {ctx.command.name} --config "
+                          f"{write_config})", markup=False, highlight=False)
+    return config
+
+
+def config_toml(command: str, config: Options, **inputs) -> str:
+    """`config` (and MODEL, --out) as TOML: flat scalars, an unset (None) option as a comment."""
+    lines = [f"# edgeconv {command} options ({type(config).__name__}): `edgeconv {command} --config FILE` runs "
+             "them again;", "# options given on the command line override the file."]
+    values = {**{k: v for k, v in inputs.items() if v is not None}, **config.model_dump()}
+    for key, value in values.items():
+        info = type(config).model_fields.get(key)
+        note = f"  # {info.description}" if info is not None and info.description else ""
+        lines.append(f"# {key} = (unset){note}" if value is None else f"{key} = {_toml_value(value)}{note}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if value != value else ("inf" if value > 0 else "-inf"))
+    # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 @click.group(cls=EdgeconvGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -171,13 +291,17 @@ def _is_stats_dir(path: str) -> bool:
 @click.option("--experts", default=None, metavar="K|SPEC",
               help="With STATS: K, the number of experts kept per layer (default: the group count). "
                    "With MODEL (no calibration): first:K | random:K[:SEED] | ids:A,B,.. (or ids:A,B|C,D per layer).")
-@click.option("--groups", type=int, default=None, help="Groups per layer = dense width / expert width (default: the router's top-k).")
-@click.option("--scoring", default="do-acp", show_default=True, help="Scoring method (STATS only): " + "see `edgeconv methods`.")
+@click.option("--groups", type=int, default=None,
+              help="Groups per layer = dense width / expert width (default: the router's top-k).")
+@click.option("--scoring", default="do-acp", show_default=True,
+              help="Scoring method (STATS only): " + "see `edgeconv methods`.")
 @click.option("--grouping", default="none", show_default=True, help="Grouping method (STATS only).")
 @click.option("--scaling", default=None, metavar="NAME|NUMBER",
-              help="Group output scale: cp or uniform with STATS (default cp); uniform or a number with MODEL (default uniform).")
+              help="Group output scale: cp or uniform with STATS (default cp); uniform or a number with MODEL "
+                   "(default uniform).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random scoring/grouping.")
-@click.option("--model", "model_path", default=None, help="The calibrated model, if it moved (weight-cluster reads its weights).")
+@click.option("--model", "model_path", default=None,
+              help="The calibrated model, if it moved (weight-cluster reads its weights).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the plan JSON.")
 def plan(source, experts, groups, scoring, grouping, scaling, seed, model_path, out_path):
@@ -225,7 +349,7 @@ def _int_option(name: str, value: str | None) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise EdgeconvError(f"{name} {value!r}: with statistics, pass K as a number", "e.g. --experts 8")
+        raise EdgeconvError(f"{name} {value!r}: with statistics, pass K as a number", "e.g. --experts 8") from None
 
 
 @main.command()
@@ -235,15 +359,17 @@ def _int_option(name: str, value: str | None) -> int | None:
               help="Calibration text: a .txt file, a JSONL file with a 'text' field, a parquet file with a 'text' "
                    "column, a datasets save_to_disk directory, or a directory of such files "
                    "[default: the shipped demo text].")
-@click.option("--tokens", default=65536, show_default=True, help="Calibration tokens.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence.")
+@click.option("--tokens", default=CALIBRATION_TOKENS, show_default=True, help="Calibration tokens.")
+@click.option("--seq-len", default=CALIBRATION_SEQ_LEN, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", default=4, show_default=True, help="Sequences per forward.")
-@click.option("--gram-tokens", default=1024, show_default=True, help="Shared sample on which every expert runs (Gram matrix).")
+@click.option("--gram-tokens", default=1024, show_default=True,
+              help="Shared sample on which every expert runs (Gram matrix).")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16"]),
               help="Compute dtype; auto: bfloat16 on a GPU that has it, else float32.")
 @click.option("--device", default="auto", show_default=True, help="Where the layers run: " + DEVICE_HELP)
 @click.option("--max-activation-memory", default="4GB", show_default=True, help="Beyond this, activations go to disk.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Statistics directory.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Statistics directory.")
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, device, max_activation_memory, out_dir,
@@ -257,7 +383,8 @@ def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, devi
     from edgeconv.demo import CALIBRATION_DATA
     from edgeconv.stages.calibrate import calibrate as run
 
-    result = run(model, data or CALIBRATION_DATA, out_dir, tokens=tokens, seq_len=seq_len, batch_size=batch_size, gram_tokens=gram_tokens,
+    result = run(model, data or CALIBRATION_DATA, out_dir, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                 gram_tokens=gram_tokens,
                  dtype=dtype, device=device, max_activation_bytes=parse_size(max_activation_memory), force=force,
                  progress=not no_progress)
     s = result.manifest["summary"]
@@ -269,7 +396,8 @@ def calibrate(model, data, tokens, seq_len, batch_size, gram_tokens, dtype, devi
 @main.command()
 @no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
-@click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path), help="Plan JSON from `edgeconv plan`.")
+@click.option("--plan", "plan_path", required=True, type=click.Path(path_type=Path),
+              help="Plan JSON from `edgeconv plan`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory for the dense checkpoint.")
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
@@ -341,31 +469,36 @@ def methods():
 @main.command()
 @no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Dense checkpoint directory. Statistics and plan go to OUT.work/ beside it.")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Dense checkpoint directory (required). Statistics and plan go to OUT.work/ beside it.")
+@click.option("--data", type=click.Path(path_type=Path), default=ConvertConfig.default("data"),
               help="Calibration text (.txt, JSONL, parquet, a datasets directory, or a directory of files) "
                    "[default: the shipped demo text].")
-@click.option("--tokens", default=65536, show_default=True, help="Calibration tokens.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per calibration sequence.")
-@click.option("--experts", type=int, default=None, help="K experts kept per layer (default: the group count).")
-@click.option("--groups", type=int, default=None, help="Groups per layer (default: the router's top-k).")
-@click.option("--scoring", default="do-acp", show_default=True)
-@click.option("--grouping", default="none", show_default=True)
-@click.option("--scaling", default="cp", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--distill-tokens", type=int, default=0, show_default=True,
+@click.option("--tokens", default=ConvertConfig.default("tokens"), show_default=True, help="Calibration tokens.")
+@click.option("--seq-len", default=ConvertConfig.default("seq_len"), show_default=True,
+              help="Tokens per calibration sequence.")
+@click.option("--experts", type=int, default=ConvertConfig.default("experts"),
+              help="K experts kept per layer (default: the group count).")
+@click.option("--groups", type=int, default=ConvertConfig.default("groups"),
+              help="Groups per layer (default: the router's top-k).")
+@click.option("--scoring", default=ConvertConfig.default("scoring"), show_default=True)
+@click.option("--grouping", default=ConvertConfig.default("grouping"), show_default=True)
+@click.option("--scaling", default=ConvertConfig.default("scaling"), show_default=True)
+@click.option("--seed", type=int, default=ConvertConfig.default("seed"), show_default=True)
+@click.option("--distill-tokens", type=int, default=ConvertConfig.default("distill_tokens"), show_default=True,
               help="Then distill the student from the MoE on this many tokens (0: no distillation).")
-@click.option("--distill-data", type=click.Path(path_type=Path), default=None,
+@click.option("--distill-data", type=click.Path(path_type=Path), default=ConvertConfig.default("distill_data"),
               help="Distillation text (.txt, JSONL, parquet or a datasets directory) [default: --data]; it must hold "
                    "--distill-tokens tokens (used once each).")
-@click.option("--distill-mode", type=click.Choice(["online", "offline"]), default="online", show_default=True,
+@click.option("--distill-mode", type=click.Choice(ConvertConfig.choices("distill_mode")),
+              default=ConvertConfig.default("distill_mode"), show_default=True,
               help="online: teacher forward each step; offline: cache its top-k log-probs first.")
-@click.option("--distill-lr", type=float, default=5e-4, show_default=True, help="Peak learning rate of distillation.")
+@click.option("--distill-lr", type=float, default=ConvertConfig.default("distill_lr"), show_default=True,
+              help="Peak learning rate of distillation.")
+@config_file_options
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
 @click.option("--no-progress", is_flag=True)
-def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, grouping, scaling, seed, distill_tokens,
-            distill_data, distill_mode, distill_lr, force, no_progress):
+def convert(force, no_progress, **params):
     """calibrate + plan + assemble [+ distill] in one resumable command, with the paper's defaults.
 
     DO-ACP scoring, pure pruning with K = the router's top-k, CP scaling. With --distill-tokens the
@@ -373,12 +506,8 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
     distillation options are `edgeconv distill`'s defaults). Rerunning after an interruption skips the
     finished stages and resumes distillation from its last checkpoint.
     """
-    from edgeconv.pipelines.convert import convert as run
-
-    result = run(model, out_dir, data=data, tokens=tokens, seq_len=seq_len, experts=experts, groups=groups,
-                 scoring=scoring, grouping=grouping, scaling=scaling, seed=seed, distill_tokens=distill_tokens,
-                 distill_data=distill_data, distill_options={"mode": distill_mode, "lr": distill_lr}, force=force,
-                 progress=not no_progress)
+    config = resolve_config(ConvertConfig, params, required=("out",))
+    result = api.convert(params["model"], params["out_dir"], config, force=force, progress=not no_progress)
     s = result.manifest["summary"]
     what = "distilled dense model" if result.distilled else "dense model"
     console.print(f"{what}: {result.out} ({s['dense_architecture']}, FFN width {s['dense_width']}, "
@@ -390,19 +519,21 @@ def convert(model, out_dir, data, tokens, seq_len, experts, groups, scoring, gro
 @click.argument("dense")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The upcycled checkpoint (Glm4MoeForCausalLM) with upcycle_plan.json.")
-@click.option("--runs", default="auto", show_default=True,
+@click.option("--runs", default=api_default(api.upcycle, "runs"), show_default=True,
               help="auto (from the similarities and --threshold), none (the source in the container, unchanged "
                    "in function), or FIRST-LAST,... inclusive layer runs, e.g. 3-4.")
-@click.option("--threshold", default=0.9, show_default=True,
+@click.option("--threshold", default=api_default(api.upcycle, "threshold"), show_default=True,
               help="auto: a layer is absorbed when its input/output and MLP-input similarities are both >= this.")
-@click.option("--top-k", default=1, show_default=True, help="Routed experts per token in a fused layer.")
-@click.option("--split", default=1, show_default=True,
+@click.option("--top-k", default=api_default(api.upcycle, "top_k"), show_default=True,
+              help="Routed experts per token in a fused layer.")
+@click.option("--split", default=api_default(api.upcycle, "split"), show_default=True,
               help="Routed experts made from each absorbed MLP (its channels cut in equal parts).")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Calibration text for the similarities (.txt, JSONL, parquet or a datasets directory) "
                    "[default: the shipped demo text].")
-@click.option("--tokens", default=16384, show_default=True, help="Calibration tokens.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the fused layers' router initialisation.")
+@click.option("--tokens", default=api_default(api.upcycle, "tokens"), show_default=True, help="Calibration tokens.")
+@click.option("--seed", default=api_default(api.upcycle, "seed"), show_default=True,
+              help="Seed of the fused layers' router initialisation.")
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
 def upcycle(dense, out_dir, runs, threshold, top_k, split, data, tokens, seed, force):
     """Dense2MoE: fuse runs of redundant layers of a DENSE model into MoE layers.
@@ -419,17 +550,15 @@ def upcycle(dense, out_dir, runs, threshold, top_k, split, data, tokens, seed, f
       edgeconv upcycle demo-dense --out upcycled/                  runs chosen at --threshold 0.9
       edgeconv upcycle demo-dense --runs 3-4 --split 4 --out up/   layer 4's MLP as 4 experts, top-1
     """
-    from edgeconv.stages.upcycle import upcycle as run
-
-    result = run(dense, out_dir, runs=runs, threshold=threshold, top_k=top_k, split=split, data=data,
-                 tokens=tokens, seed=seed, force=force)
+    result = api.upcycle(dense, out_dir, runs=runs, threshold=threshold, top_k=top_k, split=split, data=data,
+                         tokens=tokens, seed=seed, force=force)
     p = result.plan
     verb = "up to date" if result.skipped else "wrote"
     fig = p["figures"]
     table = Table("layer", "in/out similarity", "MLP-input similarity", "fate")
     fate = {a: "attention removed, MLP -> expert" for a in p["removed_attention_layers"]}
     fate |= {r["first"]: "keeps attention, MLP -> shared expert" for r in p["runs"]}
-    for i, (a, b) in enumerate(zip(fig["layer_similarity"], fig["mlp_input_similarity"])):
+    for i, (a, b) in enumerate(zip(fig["layer_similarity"], fig["mlp_input_similarity"], strict=False)):
         table.add_row(str(i), f"{a:.3f}", f"{b:.3f}" if i else "-", fate.get(i, "kept"))
     console.print(table)
     runs_text = ", ".join(p["fused_runs"]) or "none"
@@ -452,7 +581,7 @@ def upcycle(dense, out_dir, runs, threshold, top_k, split, data, tokens, seed, f
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Calibration text for the importance pass (.txt, JSONL, parquet or a datasets directory) "
                    "[default: the shipped demo text].")
-@click.option("--tokens", default=16384, show_default=True, help="Calibration tokens.")
+@click.option("--tokens", default=api_default(api.prune, "tokens"), show_default=True, help="Calibration tokens.")
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
 def prune(dense, out_dir, ffn_width, params, kv_heads, data, tokens, force):
     """Width-prune a DENSE model (the study's dense-to-dense baseline), Minitron-style.
@@ -465,18 +594,8 @@ def prune(dense, out_dir, ffn_width, params, kv_heads, data, tokens, force):
     Example: the demo dense model pruned to the size of the default MoE-to-dense student
       edgeconv prune demo-dense --params student/ --out pruned/
     """
-    from edgeconv.stages.prune import prune as run
-
-    target = None
-    if params is not None:
-        if Path(params).is_dir():
-            from edgeconv.study.dense_prune import param_count
-
-            target = param_count(json.loads((Path(params) / "config.json").read_text()))
-        else:
-            target = int(parse_count(params))
-    result = run(dense, out_dir, data=data, ffn_width=ffn_width, params=target, kv_heads=kv_heads, tokens=tokens,
-                 force=force)
+    result = api.prune(dense, out_dir, data=data, ffn_width=ffn_width, params=params, kv_heads=kv_heads,
+                       tokens=tokens, force=force)
     s = result.manifest["summary"]
     verb = "up to date" if result.skipped else "wrote"
     console.print(f"{verb} {result.out}: {s['architecture']}, FFN {s['source_ffn_width']} -> {s['ffn_width']}, "
@@ -484,55 +603,55 @@ def prune(dense, out_dir, ffn_width, params, kv_heads, data, tokens, force):
                   f"from {s['source_params'] / 1e6:,.2f} M")
 
 
-def parse_count(text: str) -> float:
-    units = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
-    t = text.strip().upper()
-    try:
-        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except (ValueError, KeyError):
-        raise EdgeconvError(f"--params {text!r} is not a count or a checkpoint directory", "pass e.g. 5.6M")
-
-
 @main.command()
 @no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Study directory: calibration, plans, prescreen.jsonl, final/, final.jsonl, sweep.md, plots.")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Study directory (required): calibration, plans, prescreen.jsonl, final/, final.jsonl, sweep.md, "
+                   "plots.")
+@click.option("--data", type=click.Path(path_type=Path), default=SweepConfig.default("data"),
               help="Calibration text (.txt, JSONL, parquet or a datasets directory) [default: the shipped demo text].")
-@click.option("--tokens", default=65536, show_default=True, help="Calibration tokens (one calibration for all).")
-@click.option("--scoring", default="all", show_default=True, help="'all' or a comma list (`edgeconv methods`).")
-@click.option("--grouping", default="all", show_default=True, help="'all' or a comma list.")
-@click.option("--scaling", default="all", show_default=True, help="'all' or a comma list.")
-@click.option("--k", "ks", default="auto", show_default=True,
+@click.option("--tokens", default=SweepConfig.default("tokens"), show_default=True,
+              help="Calibration tokens (one calibration for all).")
+@click.option("--scoring", default=SweepConfig.default("scoring"), show_default=True,
+              help="'all' or a comma list (`edgeconv methods`).")
+@click.option("--grouping", default=SweepConfig.default("grouping"), show_default=True, help="'all' or a comma list.")
+@click.option("--scaling", default=SweepConfig.default("scaling"), show_default=True, help="'all' or a comma list.")
+@click.option("--k", "ks", default=SweepConfig.default("k"), show_default=True,
               help="Comma list of K (experts selected per layer); auto: G, 2G, 4G, ... below the expert count.")
-@click.option("--groups", type=int, default=None, help="G, fixed over the grid (default: the router's top-k).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--eval-data", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--groups", type=int, default=SweepConfig.default("groups"),
+              help="G, fixed over the grid (default: the router's top-k).")
+@click.option("--seed", type=int, default=SweepConfig.default("seed"), show_default=True)
+@click.option("--eval-data", type=click.Path(file_okay=False, path_type=Path), default=SweepConfig.default("eval_data"),
               help="Evaluation data [default: the shipped held-out set].")
-@click.option("--prescreen-examples", default=0, show_default=True,
+@click.option("--prescreen-examples", default=SweepConfig.default("prescreen_examples"), show_default=True,
               help="Skill examples per variant before distillation (0: perplexity and multiple choice only; "
                    "undistilled students solve none).")
-@click.option("--prescreen-choices", default=200, show_default=True, help="Multiple-choice items per variant.")
-@click.option("--jobs", default=2, show_default=True, help="Variants assembled and evaluated in parallel.")
-@click.option("--threads", type=int, default=None, help="Torch threads per job [default: cores / jobs].")
-@click.option("--distill-tokens", default=0, show_default=True,
+@click.option("--prescreen-choices", default=SweepConfig.default("prescreen_choices"), show_default=True,
+              help="Multiple-choice items per variant.")
+@click.option("--jobs", default=SweepConfig.default("jobs"), show_default=True,
+              help="Variants assembled and evaluated in parallel.")
+@click.option("--threads", type=int, default=SweepConfig.default("threads"),
+              help="Torch threads per job [default: cores / jobs].")
+@click.option("--distill-tokens", default=SweepConfig.default("distill_tokens"), show_default=True,
               help="Then distill the --top best variants and the paper's default on this budget (0: prescreen only).")
-@click.option("--top", default=3, show_default=True, help="Distinct best prescreen variants (by perplexity) to distill.")
-@click.option("--distill-data", type=click.Path(path_type=Path), default=None,
+@click.option("--top", default=SweepConfig.default("top"), show_default=True,
+              help="Distinct best prescreen variants (by perplexity) to distill.")
+@click.option("--distill-data", type=click.Path(path_type=Path), default=SweepConfig.default("distill_data"),
               help="Distillation text (.txt, JSONL, parquet or a datasets directory) "
                    "[default: the shipped distillation text].")
-@click.option("--distill-lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (as `edgeconv build`).")
-@click.option("--dense", default=None,
+@click.option("--distill-lr", type=float, default=SweepConfig.default("distill_lr"), show_default=True,
+              help="Peak learning rate (as `edgeconv build`).")
+@click.option("--dense", default=SweepConfig.default("dense"),
               help="A dense model to prune to the students' size and distill from itself with the same budget "
                    "(dense-to-dense baseline), e.g. demo-dense.")
-@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=SweepConfig.default("results"),
               help="Also copy the tables, rows and plots here (e.g. benchmarks/results/study).")
-@click.option("--keep", is_flag=True, help="Keep every prescreen student (deleted after its evaluation by default).")
+@click.option("--keep", is_flag=True, default=SweepConfig.default("keep"),
+              help="Keep every prescreen student (deleted after its evaluation by default).")
+@config_file_options
 @click.option("--no-progress", is_flag=True)
-def sweep(model, out_dir, data, tokens, scoring, grouping, scaling, ks, groups, seed, eval_data, prescreen_examples,
-          prescreen_choices, jobs, threads, distill_tokens, top, distill_data, distill_lr, dense, results, keep,
-          no_progress):
+def sweep(no_progress, **params):
     """The paper's study: scoring x grouping x scaling x K, then distillation of the best, and a baseline.
 
     \b
@@ -550,15 +669,8 @@ def sweep(model, out_dir, data, tokens, scoring, grouping, scaling, ks, groups, 
       edgeconv sweep demo-moe --out study/ --distill-tokens 262144 --distill-lr 1e-3 \\
           --dense demo-dense --results benchmarks/results/study
     """
-    from edgeconv.pipelines.sweep import sweep as run
-    from edgeconv.study.study_report import write_report
-
-    result = run(model, out_dir, data=data, calibration_tokens=tokens, scorings=scoring, groupings=grouping,
-                 scalings=scaling, ks=ks, groups=groups, seed=seed, eval_data=eval_data,
-                 eval_options={"examples": prescreen_examples, "choices": prescreen_choices}, jobs=jobs,
-                 threads=threads, distill_tokens=distill_tokens, top=top, distill_data=distill_data,
-                 distill_options={"lr": distill_lr}, dense=dense, keep=keep, progress=not no_progress)
-    written = write_report(result, results)
+    config = resolve_config(SweepConfig, params, required=("out",))
+    _, written = api.sweep(params["model"], params["out_dir"], config, progress=not no_progress)
     out.print(written["markdown"])
     console.print(f"study: {', '.join(str(p) for p in written['files'])}")
 
@@ -566,30 +678,34 @@ def sweep(model, out_dir, data, tokens, scoring, grouping, scaling, ks, groups, 
 @main.command(epilog="\b\nQuantizations (--quant), from edgeconv/quant.py:\n" + listing())
 @no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "onnx-genai"]), default="gguf", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(ExportConfig.choices("format")),
+              default=ExportConfig.default("format"), show_default=True,
               help="gguf: llama.cpp / Ollama file. onnx: optimum-onnx directory for onnxruntime (teachers and "
                    "students). onnx-genai: onnxruntime-genai model builder directory (dense students).")
-@click.option("--quant", default=None, help="Quantization of the artifact (each type is listed below). " + describe())
+@click.option("--quant", default=ExportConfig.default("quant"),
+              help="Quantization of the artifact (each type is listed below). " + describe())
 @click.option("--precision", default=None, hidden=True,
               help="Deprecated: the old ONNX spelling of --quant (kept for scripts).")
-@click.option("--execution-provider", "provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+@click.option("--execution-provider", "provider", type=click.Choice(ExportConfig.choices("execution_provider")),
+              default=ExportConfig.default("execution_provider"), show_default=True,
               help="onnx-genai only: the execution provider the model is built for.")
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
               help="Output .gguf file (gguf) or directory (onnx, onnx-genai).")
-@click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name, if it cannot be detected.")
-@click.option("--imatrix-data", type=click.Path(path_type=Path), default=None,
+@click.option("--tokenizer-pre", default=ExportConfig.default("tokenizer_pre"),
+              help="llama.cpp pre-tokenizer name, if it cannot be detected.")
+@click.option("--imatrix-data", type=click.Path(path_type=Path), default=ExportConfig.default("imatrix_data"),
               help="GGUF: calibration text (.txt, JSONL, parquet or a datasets directory) for an importance "
                    "matrix that guides llama.cpp's quantizer.")
-@click.option("--imatrix-tokens", default=8192, show_default=True, help="Tokens of --imatrix-data to use.")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--imatrix-tokens", default=ExportConfig.default("imatrix_tokens"), show_default=True,
+              help="Tokens of --imatrix-data to use.")
+@click.option("--device", default=ExportConfig.default("device"), show_default=True,
               help="Where the torch reference of the parity check runs: " + DEVICE_HELP)
-@click.option("--dtype", default="float32", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+@click.option("--dtype", default=ExportConfig.default("dtype"), show_default=True,
+              type=click.Choice(ExportConfig.choices("dtype")),
               help="Dtype of the torch reference (the tolerances assume float32; auto: bfloat16 on a GPU that has it).")
-@layer_by_layer_option("the torch reference")
+@layer_by_layer_option("the torch reference", default=ExportConfig.default("layer_by_layer"))
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def export(model, fmt, quant, precision, provider, out_path, tokenizer_pre, imatrix_data, imatrix_tokens, device,
-           dtype, layer_by_layer, force):
+def export(model, precision, out_path, force, **params):
     """Export a dense student or a MoE teacher to GGUF (llama.cpp) or ONNX, checked against torch first.
 
     The artifact is published only if its logits match the torch model's within the tolerance of its
@@ -605,14 +721,13 @@ def export(model, fmt, quant, precision, provider, out_path, tokenizer_pre, imat
       edgeconv export dense/ --format onnx --quant int8 --out dense-onnx-int8/
       edgeconv export dense/ --format onnx-genai --quant int4 --execution-provider cpu --out dense-genai/
     """
-    from edgeconv.export.parity import ReferenceOptions
-
-    quant = _export_quant(fmt, quant, precision)
-    reference = ReferenceOptions(device=device, dtype=dtype, layer_by_layer=layer_by_layer)
-    if fmt in ("onnx", "onnx-genai"):
-        _export_onnx(model, fmt, quant, provider, out_path, force, reference)
+    params["quant"] = _export_quant(params["fmt"], params["quant"], precision)
+    config = resolve_config(ExportConfig, params)
+    result = api.export(model, out_path, config, force=force)
+    if config.format == "gguf":
+        _print_gguf(result, config.quant)
     else:
-        _export_gguf(model, quant, out_path, tokenizer_pre, imatrix_data, imatrix_tokens, force, reference)
+        _print_onnx(result)
     if precision is not None:  # after the result: a refused run prints its one error line only
         console.print("[yellow]note:[/yellow] --precision is deprecated: spell it --quant")
 
@@ -632,89 +747,87 @@ def _export_quant(fmt: str, quant: str | None, precision: str | None) -> str:
     return get_quant(fmt, quant or default_quant(fmt)).name
 
 
-def _export_gguf(model, quant, out_path, tokenizer_pre, imatrix_data, imatrix_tokens, force, reference):
-    from edgeconv.stages.export_gguf import export_gguf
-
-    result = export_gguf(model, out_path, quant, force=force, tokenizer_pre=tokenizer_pre, imatrix_data=imatrix_data,
-                         imatrix_tokens=imatrix_tokens, reference=reference)
+def _print_gguf(result, quant: str) -> None:
     p = result.parity
     console.print(f"wrote {result.path}: {result.info['architecture']} {quant}; types {result.type_mix}")
     outliers = (f", {p.positions_over_tolerance} of {p.positions} positions beyond tolerance (routing near-ties)"
                 if p.positions_over_tolerance else "")
-    console.print(f"parity vs torch: max |diff| {p.max_abs_diff:.3g} ({p.rel_diff:.2e} of the largest logit{outliers}), "
-                  f"top-1 {p.top1_agreement:.1%}, perplexity ratio {p.ppl_ratio:.4f} - passed")
+    console.print(f"parity vs torch: max |diff| {p.max_abs_diff:.3g} ({p.rel_diff:.2e} of the largest "
+                  f"logit{outliers}), top-1 {p.top1_agreement:.1%}, perplexity ratio {p.ppl_ratio:.4f} - passed")
     if result.fallbacks:
         console.print(f"[yellow]warning:[/yellow] {len(result.fallbacks)} tensors are not k-quants "
                       f"(input width not a multiple of 256): {', '.join(result.fallbacks[:6])}...")
 
 
-def _export_onnx(model, fmt, quant, provider, out_path, force, reference):
-    from edgeconv.stages.export_onnx import export_onnx, export_onnx_genai
-
-    if fmt == "onnx":
-        if provider != "cpu":
-            raise EdgeconvError("--execution-provider is for --format onnx-genai",
-                                "a --format onnx model runs on any onnxruntime provider as is")
-        result = export_onnx(model, out_path, quant, force=force, reference=reference)
-    else:
-        result = export_onnx_genai(model, out_path, quant, execution_provider=provider, force=force,
-                                   reference=reference)
+def _print_onnx(result) -> None:
     p = result.parity
     console.print(f"wrote {result.path}: {result.info['precision']}, "
                   f"{human_bytes(result.info['total_bytes'])} in {len(result.files)} files")
     outliers = (f", {p.positions_over_tolerance} of {p.positions} positions beyond tolerance (routing near-ties)"
                 if p.positions_over_tolerance else "")
-    console.print(f"parity vs torch: max |diff| {p.max_abs_diff:.3g} ({p.rel_diff:.2e} of the largest logit{outliers}), "
-                  f"top-1 {p.top1_agreement:.1%}, perplexity ratio {p.ppl_ratio:.4f} - passed")
+    console.print(f"parity vs torch: max |diff| {p.max_abs_diff:.3g} ({p.rel_diff:.2e} of the largest "
+                  f"logit{outliers}), top-1 {p.top1_agreement:.1%}, perplexity ratio {p.ppl_ratio:.4f} - passed")
 
 
 @main.command()
 @no_wait_option
-@click.option("--teacher", default=DEFAULT_MODEL, show_default=True, help="The teacher: any causal LM, usually the MoE.")
-@click.option("--student", required=True, help="The dense student (from `edgeconv convert`), sharing the teacher's tokenizer.")
+@click.option("--teacher", default=api_default(api.distill, "teacher"), show_default=True,
+              help="The teacher: any causal LM, usually the MoE.")
+@click.option("--student", required=True,
+              help="The dense student (from `edgeconv convert`), sharing the teacher's tokenizer.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Training text: a .txt file, a JSONL file with a 'text' field, a parquet file with a 'text' "
                    "column, a datasets save_to_disk directory, or a directory of such files "
                    "[default: the shipped demo text, about 100k tokens]. Each token is used once.")
-@click.option("--tokens", default=65536, show_default=True, help="Token budget: tokens trained on.")
-@click.option("--seq-len", default=256, show_default=True, help="Tokens per packed sequence.")
-@click.option("--batch-size", default=16, show_default=True,
+@click.option("--tokens", default=DistillConfig.default("tokens"), show_default=True,
+              help="Token budget: tokens trained on.")
+@click.option("--seq-len", default=DistillConfig.default("seq_len"), show_default=True,
+              help="Tokens per packed sequence.")
+@click.option("--batch-size", default=DistillConfig.default("batch_size"), show_default=True,
               help="Sequences per optimizer step, over all processes (the global batch).")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step and process.")
-@click.option("--lr", default=5e-4, show_default=True, help="Peak learning rate (AdamW, cosine decay to 10%).")
-@click.option("--warmup", default=0.05, show_default=True, help="Linear warm-up, as a fraction of the steps.")
-@click.option("--temperature", default=1.0, show_default=True, help="Softmax temperature of the KL (loss x T^2).")
-@click.option("--ce-weight", default=0.0, show_default=True,
+@click.option("--grad-accum", default=DistillConfig.default("grad_accum"), show_default=True,
+              help="Micro-batches per optimizer step and process.")
+@click.option("--lr", default=DistillConfig.default("lr"), show_default=True,
+              help="Peak learning rate (AdamW, cosine decay to 10%).")
+@click.option("--warmup", default=DistillConfig.default("warmup"), show_default=True,
+              help="Linear warm-up, as a fraction of the steps.")
+@click.option("--temperature", default=DistillConfig.default("temperature"), show_default=True,
+              help="Softmax temperature of the KL (loss x T^2).")
+@click.option("--ce-weight", default=DistillConfig.default("ce_weight"), show_default=True,
               help="Mix in cross-entropy on the data: loss = (1 - w) KL + w CE.")
-@click.option("--mode", type=click.Choice(["online", "offline"]), default="online", show_default=True,
+@click.option("--mode", type=click.Choice(DistillConfig.choices("mode")), default=DistillConfig.default("mode"),
+              show_default=True,
               help="online: run the teacher every step. offline: cache its top-k log-probs first, then train "
                    "without it.")
-@click.option("--top-k", default=64, show_default=True, help="offline: teacher log-probs cached per token.")
+@click.option("--top-k", default=DistillConfig.default("top_k"), show_default=True,
+              help="offline: teacher log-probs cached per token.")
 @click.option("--teacher-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="offline: where the cache lives (kept after the run) [default: OUT.work/distill/teacher-cache, "
                    "removed after the run].")
 @click.option("--cache-only", is_flag=True, help="offline: build the teacher cache and stop.")
-@click.option("--cache-device", default="auto", show_default=True,
+@click.option("--cache-device", default=api_default(api.distill, "cache_device"), show_default=True,
               help="offline: where the teacher runs to fill the cache: auto (this process's accelerate device), "
                    "cpu, cuda or cuda:N.")
-@click.option("--cache-dtype", default="auto", show_default=True,
+@click.option("--cache-dtype", default=api_default(api.distill, "cache_dtype"), show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="offline: the teacher's dtype for the cache (auto: what --precision gives).")
-@layer_by_layer_option("the teacher for the offline cache")
-@click.option("--cache-chunk", type=click.IntRange(min=1), default=None,
+@layer_by_layer_option("the teacher for the offline cache", default=api_default(api.distill, "layer_by_layer"))
+@click.option("--cache-chunk", type=click.IntRange(min=1), default=api_default(api.distill, "cache_chunk"),
               help="offline, layer by layer: sequences per pass over the teacher (each pass reads every layer once) "
                    "[default: as many as 2 GB of activations hold].")
-@click.option("--checkpoint-every", default=50, show_default=True, help="Optimizer steps between checkpoints.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+@click.option("--checkpoint-every", default=DistillConfig.default("checkpoint_every"), show_default=True,
+              help="Optimizer steps between checkpoints.")
+@click.option("--precision", type=click.Choice(DistillConfig.choices("precision")),
+              default=DistillConfig.default("precision"), show_default=True,
               help="auto: bf16 autocast on GPUs that have it, fp32 on CPU.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order.")
+@click.option("--seed", type=int, default=DistillConfig.default("seed"), show_default=True,
+              help="Seed of the data order.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory for the distilled student. Checkpoints go to OUT.work/distill/.")
 @click.option("--force", is_flag=True, help="Replace --out, and discard another run's checkpoints or cache.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def distill(teacher, student, data, tokens, seq_len, batch_size, grad_accum, lr, warmup, temperature, ce_weight,
-            mode, top_k, teacher_cache, cache_only, cache_device, cache_dtype, layer_by_layer, cache_chunk,
-            checkpoint_every, precision, seed, out_dir, force, no_progress):
+def distill(teacher, student, data, teacher_cache, cache_only, cache_device, cache_dtype, layer_by_layer, cache_chunk,
+            out_dir, force, no_progress, **params):
     """Distill a dense student from its teacher: forward KL on next-token distributions, whole student trained.
 
     AdamW with warm-up and cosine decay over packed sequences; the result is a stock transformers checkpoint
@@ -732,19 +845,11 @@ def distill(teacher, student, data, tokens, seq_len, batch_size, grad_accum, lr,
       torchrun --nproc_per_node 4 -m edgeconv.cli distill --teacher moe/ --student dense/ \\
           --data text/ --tokens 50000000 --batch-size 32 --out distilled/
     """
-    from edgeconv.config import DistillConfig
-    from edgeconv.stages.distill import distill as run
-
-    config = DistillConfig.make(tokens=tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                                warmup=warmup, temperature=temperature, ce_weight=ce_weight, mode=mode, top_k=top_k,
-                                checkpoint_every=checkpoint_every, precision=precision, seed=seed)
-    if data is None:
-        from edgeconv.demo import CALIBRATION_DATA
-
-        data = CALIBRATION_DATA
-    result = run(teacher, student, data, out_dir, config, teacher_cache=teacher_cache, cache_only=cache_only,
-                 cache_forward=_forward_options(cache_device, cache_dtype, layer_by_layer, cache_chunk),
-                 force=force, progress=not no_progress)
+    config = resolve_config(DistillConfig, params)
+    result = api.distill(student, out_dir, config, teacher=teacher, data=data, teacher_cache=teacher_cache,
+                         cache_only=cache_only, cache_device=cache_device, cache_dtype=cache_dtype,
+                         layer_by_layer=layer_by_layer, cache_chunk=cache_chunk, force=force,
+                         progress=not no_progress)
     if not _is_main_process():
         return
     if result.cache:
@@ -768,21 +873,28 @@ def _is_main_process() -> bool:
 
 @main.command("eval")
 @click.argument("model", required=False, default=DEFAULT_MODEL)
-@click.option("--runtime", type=click.Choice(["auto", "torch", "gguf", "onnx", "onnx-genai"]), default="auto",
-              show_default=True, help="auto: from MODEL (a .gguf file, an ONNX directory, an HF checkpoint).")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "gguf", "onnx", "onnx-genai"]),
+              default=api_default(api.evaluate, "runtime"), show_default=True,
+              help="auto: from MODEL (a .gguf file, an ONNX directory, an HF checkpoint).")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Evaluation data directory (text, skills and choice JSONL) [default: the shipped held-out set].")
-@click.option("--tokens", default=16384, show_default=True, help="Tokens scored per corpus for perplexity.")
-@click.option("--window", default=256, show_default=True, help="Perplexity window (tokens of context at most).")
-@click.option("--examples", default=50, show_default=True, help="Examples per skill (exact match); 0 skips the skills.")
-@click.option("--choices", default=200, show_default=True, help="Multiple-choice items, spread over the corpora.")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: all].")
-@click.option("--device", default="auto", show_default=True, help="torch runtime: where the model runs: " + DEVICE_HELP)
-@click.option("--dtype", default="auto", show_default=True,
+@click.option("--tokens", default=api_default(api.evaluate, "tokens"), show_default=True,
+              help="Tokens scored per corpus for perplexity.")
+@click.option("--window", default=api_default(api.evaluate, "window"), show_default=True,
+              help="Perplexity window (tokens of context at most).")
+@click.option("--examples", default=api_default(api.evaluate, "examples"), show_default=True,
+              help="Examples per skill (exact match); 0 skips the skills.")
+@click.option("--choices", default=api_default(api.evaluate, "choices"), show_default=True,
+              help="Multiple-choice items, spread over the corpora.")
+@click.option("--threads", type=int, default=api_default(api.evaluate, "threads"), help="CPU threads [default: all].")
+@click.option("--device", default=api_default(api.evaluate, "device"), show_default=True,
+              help="torch runtime: where the model runs: " + DEVICE_HELP)
+@click.option("--dtype", default=api_default(api.evaluate, "dtype"), show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               help="torch runtime: compute dtype (auto: bfloat16 on a GPU that has it, else float32).")
 @layer_by_layer_option("the torch model", "Layer by layer, each part of the suite is one batch (one pass over the "
-                       "model) and greedy skills cost one pass per generated token.")
+                       "model) and greedy skills cost one pass per generated token.",
+                       default=api_default(api.evaluate, "layer_by_layer"))
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
@@ -814,16 +926,11 @@ def eval_(model, runtime, data, tokens, window, examples, choices, threads, devi
         names = write_lm_eval_tasks(lm_eval_tasks, data)
         console.print(f"wrote {len(names)} lm-eval tasks (tag `edgeconv`) to {lm_eval_tasks}: {', '.join(names)}")
         return
-    from edgeconv.evaluation.suite import evaluate, summary_table
+    from edgeconv.evaluation.suite import summary_table
 
-    path = Path(model)
-    if not path.exists():
-        from edgeconv.io.checkpoint import resolve_model_path
-
-        path = resolve_model_path(model)
-    report = evaluate(path, data, runtime=None if runtime == "auto" else runtime, tokens=tokens, window=window,
-                      examples=examples, choices=choices, threads=threads, show_progress=not no_progress,
-                      forward=_forward_options(device, dtype, layer_by_layer))
+    report = api.evaluate(model, data=data, runtime=runtime, tokens=tokens, window=window, examples=examples,
+                          choices=choices, threads=threads, device=device, dtype=dtype,
+                          layer_by_layer=layer_by_layer, progress=not no_progress)
     if out_path:
         out_path.write_text(report.model_dump_json(indent=1))
     if as_json:
@@ -853,7 +960,7 @@ def targets(as_json):
                      ",".join(p.formats), p.accelerator, p.quant, str(p.context), str(p.threads)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False)).rstrip())
     click.echo("aliases: " + ", ".join(f"{a} = {t}" for a, t in sorted(ALIASES.items())))
     click.echo("descriptions and benchmark commands: edgeconv targets --json")
 
@@ -861,38 +968,45 @@ def targets(as_json):
 @main.command()
 @no_wait_option
 @click.argument("model", required=False, default=DEFAULT_MODEL)
-@click.option("--target", "-t", required=True, help="Device profile (see `edgeconv targets`), alias, or a .toml file.")
+@click.option("--target", "-t", default=None,
+              help="Device profile (see `edgeconv targets`), alias, or a .toml file (required).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Bundle directory [default: dist/<model>-<target>]; stages work in OUT.work/.")
-@click.option("--format", "fmt", type=click.Choice(BUILD_FORMATS), default=None,
-              help="Artifact format [default: the target's first].")
-@click.option("--quant", default=None,
+@click.option("--format", "fmt", type=click.Choice(BuildConfig.choices("format")),
+              default=BuildConfig.default("format"), help="Artifact format [default: the target's first].")
+@click.option("--quant", default=BuildConfig.default("quant"),
               help="Quantization [default: the target's]. " + describe(BUILD_FORMATS, defaults=False))
-@click.option("--groups", type=int, default=None, help="Expert groups per layer = FFN width [default: the router's top-k].")
-@click.option("--context", type=int, default=None, help="Context to reserve KV cache for [default: the target's].")
-@click.option("--data", type=click.Path(path_type=Path), default=None,
+@click.option("--groups", type=int, default=BuildConfig.default("groups"),
+              help="Expert groups per layer = FFN width [default: the router's top-k].")
+@click.option("--context", type=int, default=BuildConfig.default("context"),
+              help="Context to reserve KV cache for [default: the target's].")
+@click.option("--data", type=click.Path(path_type=Path), default=BuildConfig.default("data"),
               help="Calibration text (.txt, JSONL, parquet or a datasets directory) [default: the shipped demo text].")
-@click.option("--calibration-tokens", default=65536, show_default=True)
-@click.option("--distill-tokens", type=int, default=262_144, show_default=True,
+@click.option("--calibration-tokens", default=BuildConfig.default("calibration_tokens"), show_default=True)
+@click.option("--distill-tokens", type=int, default=BuildConfig.default("distill_tokens"), show_default=True,
               help="Distillation budget in tokens; 0 skips distillation.")
-@click.option("--distill-data", type=click.Path(path_type=Path), default=None,
+@click.option("--distill-data", type=click.Path(path_type=Path), default=BuildConfig.default("distill_data"),
               help="Distillation text (.txt, JSONL, parquet or a datasets directory) "
                    "[default: the shipped text for the demo teacher, else --data].")
-@click.option("--distill-lr", type=float, default=1e-3, show_default=True)
-@click.option("--distill-mode", type=click.Choice(["online", "offline"]), default="online", show_default=True,
+@click.option("--distill-lr", type=float, default=BuildConfig.default("distill_lr"), show_default=True)
+@click.option("--distill-mode", type=click.Choice(BuildConfig.choices("distill_mode")),
+              default=BuildConfig.default("distill_mode"), show_default=True,
               help="online: the whole teacher runs beside the student every step. offline: the teacher's top-64 "
                    "log-probs are cached on disk first (OUT.work), then the student trains alone.")
-@click.option("--eval-data", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--eval-data", type=click.Path(file_okay=False, path_type=Path), default=BuildConfig.default("eval_data"),
               help="Evaluation data bundled for bench.py [default: the shipped held-out set].")
-@click.option("--threads", type=int, default=None, help="Threads of the benchmark run here [default: all].")
-@click.option("--no-bench", is_flag=True, help="Do not run bench.py here after bundling.")
+@click.option("--threads", type=int, default=BuildConfig.default("threads"),
+              help="Threads of the benchmark run here [default: all].")
+@click.option("--bench/--no-bench", default=BuildConfig.default("bench"), show_default=True,
+              help="Run bench.py here after bundling.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (stages, sizes, memory on the target and on this "
               "host, disk, rough time) and stop.")
-@click.option("--no-measure", is_flag=True, help="Do not time one layer here (a few seconds): no time estimates.")
+@click.option("--measure/--no-measure", default=BuildConfig.default("measure"), show_default=True,
+              help="Time one layer here (a few seconds) for the plan's time estimates.")
+@config_file_options
 @click.option("--force", is_flag=True, help="Redo every stage and replace OUT.")
 @click.option("--no-progress", is_flag=True)
-def build(model, target, out_dir, fmt, quant, groups, context, data, calibration_tokens, distill_tokens, distill_data,
-          distill_lr, distill_mode, eval_data, threads, no_bench, dry_run, no_measure, force, no_progress):
+def build(dry_run, force, no_progress, **params):
     """Everything for one device: convert -> distill -> export -> parity -> bundle -> bench here.
 
     The plan comes first, from config.json alone: if the student (weights + KV cache at the target's
@@ -906,20 +1020,14 @@ def build(model, target, out_dir, fmt, quant, groups, context, data, calibration
       edgeconv build my-moe/ --target phone --distill-tokens 0 --out dist/phone
     Then copy the bundle to the device and run its bench.py (see its README.md).
     """
-    from edgeconv.pipelines.build import build as run
-    from edgeconv.pipelines.build import headline, plan_build
+    from edgeconv.pipelines.build import headline
 
-    # The default (online) keeps the options a build recorded before --distill-mode existed: reruns stay up to date.
-    distill_options = {"lr": distill_lr, **({"mode": "offline"} if distill_mode == "offline" else {})}
-    plan = plan_build(model, target, out=out_dir, fmt=fmt, quant=quant, groups=groups, context=context,
-                      distill_tokens=distill_tokens, bench=not no_bench, calibration_tokens=calibration_tokens,
-                      distill_options=distill_options, eval_data=eval_data, measure=not no_measure)
+    config = resolve_config(BuildConfig, params, required=("target",))
+    plan = api.build_plan(params["model"], params["out_dir"], config)
     console.print(plan.render())
     if dry_run:
         return
-    result = run(plan, data=data, distill_data=distill_data, eval_data=eval_data,
-                 calibration_tokens=calibration_tokens, distill_options=distill_options, threads=threads,
-                 force=force, progress=not no_progress)
+    result = api.build(params["model"], params["out_dir"], config, plan=plan, force=force, progress=not no_progress)
     out.print(headline(result))
 
 
@@ -963,7 +1071,8 @@ def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir
     rows += comparison_rows(results)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        click.echo("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        cells = enumerate(zip(r, widths, strict=False))
+        click.echo("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in cells).rstrip())
     d = results["student"].get("device", {})
     console.print(f"on {d.get('cpu') or d.get('processor') or d.get('machine', 'this machine')}; "
                   f"results in {out_dir}/ (edgeconv report {out_dir}/*.json --out report/)")

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgeconv.config import CALIBRATION_TOKENS, DEFAULT_DISTILL_TOKENS, ConfigError, literal
 from edgeconv.device.host_plan import HostPlan, plan_host, tree_bytes
 from edgeconv.device.memory_fit import Config, Estimate, estimate, gb, largest_fit, tensor_shapes
 from edgeconv.device.profiles import TargetProfile, get_target
@@ -24,7 +25,6 @@ from edgeconv.io.output_dir import as_record, check_out_early, claim_work, read_
 from edgeconv.quant import get_quant
 from edgeconv.stages.export import parity_line
 
-DEFAULT_DISTILL_TOKENS = 262_144  # about 3 minutes on the demo student on 2 CPU cores
 CONVERT_STAGES = 3  # calibrate, plan, assemble (+ distill): the part of the list that is `edgeconv convert`
 
 
@@ -44,7 +44,7 @@ class BuildPlan:
     host: HostPlan | None = None  # what the build needs on this machine (edgeconv.device.host_plan)
     bench: bool = True  # bench.py runs here after bundling
     distill_options: dict | None = None
-    calibration_tokens: int = 65536
+    calibration_tokens: int = CALIBRATION_TOKENS
 
     def render(self) -> str:
         t, e = self.target, self.estimate
@@ -68,9 +68,9 @@ class BuildPlan:
 
 def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: str | None = None,
                quant: str | None = None, groups: int | None = None, context: int | None = None,
-               distill_tokens: int = DEFAULT_DISTILL_TOKENS, bench: bool = True, calibration_tokens: int = 65536,
-               distill_options: dict | None = None, eval_data: Path | None = None, measure: bool = True,
-               host=None) -> BuildPlan:
+               distill_tokens: int = DEFAULT_DISTILL_TOKENS, bench: bool = True,
+               calibration_tokens: int = CALIBRATION_TOKENS, distill_options: dict | None = None,
+               eval_data: Path | None = None, measure: bool = True, host=None) -> BuildPlan:
     """Everything decided before any heavy work; raises EdgeconvError if the student cannot fit the target, or
     the build cannot fit this host (memory per stage, disk at the peak: edgeconv.device.host_plan). `distill_options`
     are build()'s (mode, lr, ...); `measure` times one layer here for the time estimates; `host` replaces the
@@ -84,15 +84,16 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
     family = family_for(config, str(path))
     fmt = fmt or profile.formats[0]
     if fmt not in profile.formats:
-        raise EdgeconvError(f"target {profile.name} runs {', '.join(profile.formats)}, not {fmt}",
-                            f"drop --format or pick one of {', '.join(profile.formats)}")
+        formats = literal(", ".join(profile.formats))
+        raise ConfigError(f"target {literal(profile.name)} runs {formats}, not {literal(fmt)}",
+                          f"drop {{format}} or pick one of {formats}")
     # Checked against edgeconv.quant's table for this format now, before any work (--dry-run included): a name
     # the format's exporter does not have (onnx-genai int8) is refused with the names it has.
     quant = get_quant(fmt, quant or (profile.quant if fmt == "gguf" else profile.onnx_precision)).name
     groups = groups or family.top_k
     if groups < 1 or groups > family.num_experts:
-        raise EdgeconvError(f"--groups {groups} is outside 1..{family.num_experts} (the model's experts)",
-                            "pick a smaller --groups")
+        raise ConfigError(f"{{groups}} {groups} is outside 1..{family.num_experts} (the model's experts)",
+                          "pick a smaller {groups}")
     width = groups * family.expert_width + family.shared_width
     cand = Config(groups, width, fmt, quant, context or profile.context)
     dense = family.dense_config(width)
@@ -175,8 +176,9 @@ class BuildResult:
 
 
 def build(plan: BuildPlan, *, data: Path | None = None, distill_data: Path | None = None,
-          eval_data: Path | None = None, calibration_tokens: int = 65536, distill_options: dict | None = None,
-          threads: int | None = None, force: bool = False, progress: bool = True) -> BuildResult:
+          eval_data: Path | None = None, calibration_tokens: int = CALIBRATION_TOKENS,
+          distill_options: dict | None = None, threads: int | None = None, force: bool = False,
+          progress: bool = True) -> BuildResult:
     from edgeconv.demo import DISTILL_DATA, is_demo
     from edgeconv.pipelines.convert import check_convert
     from edgeconv.stages.stage import run_pipeline
@@ -187,8 +189,8 @@ def build(plan: BuildPlan, *, data: Path | None = None, distill_data: Path | Non
         if is_demo(plan.model):
             distill_data = DISTILL_DATA
         elif data is None:
-            raise EdgeconvError("distillation needs text: none given",
-                                "pass --distill-data (or --data), or --distill-tokens 0 to skip distillation")
+            raise ConfigError("distillation needs text: none given",
+                              "pass {distill_data} (or {data}), or {distill_tokens} 0 to skip distillation")
     inputs = {"model": plan.model, "data": data, "distill data": distill_data, "eval data": eval_data}
     with guard_output(plan.out, inputs, work=plan.work):
         record = as_record({

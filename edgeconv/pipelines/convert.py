@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeconv.config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, ConfigError, literal
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import Checkpoint
@@ -43,10 +44,11 @@ class ConvertResult:
         return cls(Path(out), by_name["assemble"], by_name.get("distill"), results)
 
 
-def convert_stages(model: str | Path, out: Path, *, data: str | Path | None, tokens: int = 65536,
-                   seq_len: int = 512, experts: int | None = None, groups: int | None = None, scoring: str = "do-acp",
-                   grouping: str = "none", scaling: str = "cp", seed: int = 0, distill_config=None,
-                   distill_data: str | Path | None = None, progress: bool = True) -> list[Stage]:
+def convert_stages(model: str | Path, out: Path, *, data: str | Path | None, tokens: int = CALIBRATION_TOKENS,
+                   seq_len: int = CALIBRATION_SEQ_LEN, experts: int | None = None, groups: int | None = None,
+                   scoring: str = "do-acp", grouping: str = "none", scaling: str = "cp", seed: int = 0,
+                   distill_config=None, distill_data: str | Path | None = None,
+                   progress: bool = True) -> list[Stage]:
     """The stages, in order (nothing is read or checked here: --dry-run prints them). With `distill_config` the
     assembled student goes to OUT.work/assembled and the distilled one to OUT."""
     work = work_dir(Path(out))
@@ -74,10 +76,10 @@ class CheckedConvert:
     record: dict
 
 
-def check_convert(model: str | Path, out: str | Path, *, data: str | Path | None, tokens: int = 65536,
-                  seq_len: int = 512, experts: int | None = None, groups: int | None = None, scoring: str = "do-acp",
-                  grouping: str = "none", scaling: str = "cp", seed: int = 0, distill_tokens: int = 0,
-                  distill_data: str | Path | None = None, distill_options: dict | None = None,
+def check_convert(model: str | Path, out: str | Path, *, data: str | Path | None, tokens: int = CALIBRATION_TOKENS,
+                  seq_len: int = CALIBRATION_SEQ_LEN, experts: int | None = None, groups: int | None = None,
+                  scoring: str = "do-acp", grouping: str = "none", scaling: str = "cp", seed: int = 0,
+                  distill_tokens: int = 0, distill_data: str | Path | None = None, distill_options: dict | None = None,
                   force: bool = False) -> CheckedConvert:
     """Every argument checked before the first heavy step; without `data`, the shipped demo text (said so)."""
     ckpt = Checkpoint.open(model)
@@ -100,9 +102,9 @@ def check_convert(model: str | Path, out: str | Path, *, data: str | Path | None
     check_data(data)
     if distill_config and distill_data is not None:
         if not Path(distill_data).exists():
-            raise EdgeconvError(f"--distill-data {distill_data} does not exist",
-                                "pass text or JSONL files, parquet files (a 'text' column), a datasets directory, "
-                                "or a directory of them")
+            raise ConfigError(f"{{distill_data}} {literal(distill_data)} does not exist",
+                              "pass text or JSONL files, parquet files (a 'text' column), a datasets directory, "
+                              "or a directory of them")
         check_data(distill_data)
     limit = ckpt.config.get("max_position_embeddings")
     if distill_config and limit and distill_config.seq_len > int(limit):
@@ -123,8 +125,8 @@ def convert(
     out: str | Path,
     *,
     data: str | Path | None,
-    tokens: int = 65536,
-    seq_len: int = 512,
+    tokens: int = CALIBRATION_TOKENS,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     experts: int | None = None,
     groups: int | None = None,
     scoring: str = "do-acp",

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeconv.errors import EdgeconvError
+from edgeconv.config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS, ConfigError
 from edgeconv.families import family_for
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
@@ -46,8 +46,8 @@ def sweep(
     out: str | Path,
     *,
     data: str | Path | None = None,
-    calibration_tokens: int = 65536,
-    seq_len: int = 512,
+    calibration_tokens: int = CALIBRATION_TOKENS,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     scorings: str = "all",
     groupings: str = "all",
     scalings: str = "all",
@@ -80,7 +80,7 @@ def sweep(
     variants = grid(pick(scorings, SCORERS, "scoring"), pick(groupings, GROUPINGS, "grouping"),
                     pick(scalings, SCALINGS, "scaling"), k_list, g, ref.num_experts)
     if jobs < 1:
-        raise EdgeconvError(f"--jobs {jobs} must be at least 1", "pass --jobs 1 to run one variant at a time")
+        raise ConfigError(f"{{jobs}} {jobs} must be at least 1", "pass {jobs} 1 to run one variant at a time")
     cores = os.cpu_count() or 1
     threads = threads or max(1, cores // jobs)
     eval_data = Path(eval_data) if eval_data else EVAL_DATA

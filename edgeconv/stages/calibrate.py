@@ -10,6 +10,7 @@ import torch
 
 from edgeconv.calibration.moe_block import CalibratedMoeBlock
 from edgeconv.calibration.stats import CalibrationStats, LayerStats
+from edgeconv.config import CALIBRATION_SEQ_LEN, CALIBRATION_TOKENS
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.forward.layer_by_layer import dtype_name, resolve_device, resolve_dtype
@@ -43,8 +44,8 @@ class CalibrateStage(StageBase):
 
     name = STAGE
 
-    def __init__(self, model: str | Path, data: str | Path, out: str | Path, *, tokens: int = 65536,
-                 seq_len: int = 512, batch_size: int = 4, gram_tokens: int = 1024, dtype: str = "auto",
+    def __init__(self, model: str | Path, data: str | Path, out: str | Path, *, tokens: int = CALIBRATION_TOKENS,
+                 seq_len: int = CALIBRATION_SEQ_LEN, batch_size: int = 4, gram_tokens: int = 1024, dtype: str = "auto",
                  device: str = "auto", max_activation_bytes: int = 4 * 1024**3, progress: bool = True):
         self.model, self.data, self.out = model, data, Path(out)
         self.tokens, self.seq_len, self.batch_size, self.gram_tokens = tokens, seq_len, batch_size, gram_tokens
@@ -127,8 +128,8 @@ def calibrate(
     data: str | Path,
     out: str | Path,
     *,
-    tokens: int = 65536,
-    seq_len: int = 512,
+    tokens: int = CALIBRATION_TOKENS,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     batch_size: int = 4,
     gram_tokens: int = 1024,
     dtype: str = "auto",

@@ -39,6 +39,27 @@ def test_build_writes_a_verified_bundle_and_prints_its_headline(built):
     assert abs(json.loads((out / "parity.json").read_text())["ppl_ratio"] - 1) < 0.05
 
 
+def test_bundle_card_and_gguf_lineage(built):
+    """Issue 20: the bundle's README.md is a model card the Hub reads, with the bench headline the build measured;
+    its GGUF names the teacher it came from (general.base_model.*) and the teacher's license."""
+    import gguf
+    from huggingface_hub import ModelCard
+
+    out, _ = built
+    manifest = json.loads((out / "manifest.json").read_text())
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "demo-moe" and card.data.base_model_relation == "quantized"
+    assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-generation"
+    assert card.data.library_name == "llama-cpp-python" and {"moe-to-dense", "gguf", "qwen3"} <= set(card.data.tags)
+    assert "`do-acp`" in card.text and "| perplexity, artifact / torch |" in card.text
+    assert "Measured on the build machine" in card.text and "tok/s" in card.text  # filled in by the bench stage
+    fields = gguf.GGUFReader(out / manifest["model"]).fields
+    assert fields["general.base_model.count"].contents() == 1
+    assert fields["general.base_model.0.name"].contents() == "demo-moe"
+    assert fields["general.license"].contents() == "apache-2.0"
+    assert fields["general.name"].contents() == "demo-moe-dense" and fields["general.finetune"].contents() == "dense"
+
+
 def test_rerun_skips_every_finished_stage(built):
     out, _ = built
     before = (out / "manifest.json").stat().st_mtime_ns

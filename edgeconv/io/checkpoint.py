@@ -16,6 +16,7 @@ from edgeconv.io.safetensors_reader import ShardFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_CACHE_PREFIX = "models--"  # the Hugging Face cache keeps repo org/name in .../models--org--name/snapshots/REV
 # Files copied next to converted weights: tokenizer, chat template, generation defaults.
 SIDECAR_FILES = (
     "tokenizer.json",
@@ -59,6 +60,23 @@ def resolve_model_path(model: str | Path) -> Path:
                 "pass a local checkpoint directory, or download it first with `huggingface-cli download`",
             )
     raise EdgeconvError(f"model path {path} does not exist", "pass a local checkpoint directory holding config.json")
+
+
+def hub_id_of(path: str | Path) -> str | None:
+    """The hub id (org/name) of a checkpoint that lives in the Hugging Face cache (a snapshot directory, which is
+    what `resolve_model_path` returns for a hub id); None for any other directory."""
+    path = Path(path)
+    repo = path.parent.parent.name
+    if path.parent.name != "snapshots" or not repo.startswith(HUB_CACHE_PREFIX):
+        return None
+    parts = repo[len(HUB_CACHE_PREFIX):].split("--")  # the cache writes org/name as org--name
+    return "/".join(parts) if len(parts) == 2 and all(parts) else None
+
+
+def model_id(path: str | Path) -> str:
+    """How a checkpoint is named to people and in model cards: its hub id when it came from the hub, else the name
+    of its directory."""
+    return hub_id_of(path) or Path(path).name
 
 
 class Checkpoint:
@@ -134,6 +152,11 @@ class Checkpoint:
         if self._open is not None:
             self._open[1].close()
             self._open = None
+
+    @property
+    def hub_id(self) -> str | None:
+        """org/name when this checkpoint was opened from the hub (through the local HF cache), else None."""
+        return hub_id_of(self.path)
 
     @property
     def total_bytes(self) -> int:

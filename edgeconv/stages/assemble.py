@@ -24,6 +24,7 @@ from edgeconv.io.guard import guarded
 from edgeconv.io.safetensors_writer import ShardedWriter, TensorSpec
 from edgeconv.planning.plan import LayerPlan, Plan, check_plan_fits
 from edgeconv.progress import byte_progress
+from edgeconv.reporting.model_card import write_checkpoint_card
 from edgeconv.stages.stage import Identity, StageBase, StageResult, run_stage
 
 STAGE = "assemble"
@@ -176,7 +177,11 @@ class AssembleStage(StageBase):
         (tmp / "plan.json").write_text(self.plan_json)
         for src in ckpt.sidecar_files():
             shutil.copyfile(src, tmp / src.name)
-        return _summary(ckpt, family, plan, width, specs)
+        summary = _summary(ckpt, family, plan, width, specs)
+        # The model card (README.md): the teacher as base model, its license, the plan and its calibration.
+        write_checkpoint_card(tmp, {"stage": STAGE, "inputs": {"model": str(ckpt.path)}, "summary": summary},
+                              name=self.out.name)
+        return summary
 
 
 @guarded("out", "model", "plan")

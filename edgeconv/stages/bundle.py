@@ -6,19 +6,25 @@
       eval/                       the evaluation data bench.py scores
       Modelfile                   `ollama create NAME -f Modelfile`
       parity.json                 the export's parity against torch
-      README.md                   what this is, how to run it, the estimate it was planned with
+      README.md                   a model card the Hugging Face Hub reads (base model, license, tags, method, parity,
+                                  the bench headline once the build measured it), how to run it, the memory plan
       manifest.json               sha256 and size of every file above, and what the bundle was built for
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 from pathlib import Path
 
 from edgeconv import __version__
 from edgeconv.device.memory_fit import Estimate, gb
 from edgeconv.device.profiles import TargetProfile
+from edgeconv.io.checkpoint import model_id
 from edgeconv.io.output_dir import MANIFEST, read_manifest, sha256_file
+from edgeconv.reporting.model_card import ModelFacts, bundle_card, facts, with_bench
 from edgeconv.stages.stage import Identity, StageBase
 
 RUNNER = Path(__file__).parents[1] / "device" / "runner.py"  # copied into the bundle as bench.py
@@ -81,7 +87,9 @@ class BundleStage(StageBase):
             "bench": target.bench.model_dump(),
         }
         model_bytes = sum(p.stat().st_size for p in [tmp / model_rel, *(tmp / model_rel).rglob("*")] if p.is_file())
-        (tmp / "README.md").write_text(readme(fields, target, self.estimate, model_bytes))
+        report = parity if self.fmt == "gguf" else artifact / "parity.json"  # genai: the figures are in model/
+        (tmp / "README.md").write_text(readme(fields, target, self.estimate, model_bytes,
+                                              facts(self.student, name=self.bundle_name), _read_json(report)))
         return fields
 
     def manifest(self, key: str, identity: Identity, files: dict, summary: dict) -> dict:
@@ -99,18 +107,28 @@ def modelfile(model_rel: str, target: TargetProfile) -> str:
             "PARAMETER temperature 0.7\n")
 
 
-def readme(manifest: dict, target: TargetProfile, estimate: Estimate, size: int) -> str:
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def readme(manifest: dict, target: TargetProfile, estimate: Estimate, size: int, student: ModelFacts,
+           parity: dict) -> str:
+    """The bundle's README.md: a model card the Hugging Face Hub reads (edgeconv.reporting.model_card: base model,
+    license, tags; the method, the parity table, the bench headline), then how to run it on the device."""
     runtime = "llama-cpp-python" if manifest["format"] == "gguf" else "onnxruntime-genai"
-    return f"""# {manifest['name']} for {target.name}
-
-{target.description}. Built by edgeconv {__version__} from the MoE teacher `{manifest['teacher']}`.
-
-- model: `{manifest['model']}` ({manifest['format']}, {manifest['quant']}, {gb(size)})
-- planned memory on the device: {estimate.breakdown()}
-- context: {manifest['context']} tokens, threads: {manifest['threads']}
-- parity with the torch student: see `parity.json`
-
-## Benchmark it on the device
+    intro = "\n".join([
+        f"{target.description}. Built by edgeconv {__version__} from the MoE teacher "
+        f"`{model_id(manifest['teacher'])}`.",
+        "",
+        f"- model: `{manifest['model']}` ({manifest['format']}, {manifest['quant']}, {gb(size)})",
+        f"- context: {manifest['context']} tokens, threads: {manifest['threads']}",
+        "- parity with the torch student: see `parity.json`",
+    ])
+    device = f"""## Benchmark it on the device
 
 Needs Python 3.8+ and {runtime} only (no torch, no edgeconv):
 
@@ -127,3 +145,29 @@ Bring the results back and compare targets with `edgeconv report results*.json -
     llama-cli -m {manifest['model']} -p "To be, or not to be" -n 64
     ollama create {manifest['name']} -f Modelfile
 """
+    return bundle_card(student, title=f"{manifest['name']} for {target.name}", intro=intro,
+                       fmt=manifest["format"], parity=parity, estimate=estimate.breakdown(),
+                       tags=["gguf"] if manifest["format"] == "gguf" else ["onnx", "onnxruntime-genai"],
+                       device=device.splitlines())
+
+
+def add_bench_headline(bundle: Path, results: dict, where: str) -> bool:
+    """Put the bench headline of `results` into the bundle's README.md and its manifest entry (size, sha256), so
+    the bundle still verifies; False when there was nothing to change. The build's bench stage calls this after
+    measuring the bundle here: the bundle is written first (bench.py checks its hashes before it runs)."""
+    bundle = Path(bundle)
+    card, manifest_path = bundle / "README.md", bundle / MANIFEST
+    manifest = read_manifest(bundle)
+    if manifest is None or "README.md" not in manifest.get("files", {}) or not card.is_file():
+        return False
+    text = card.read_text()
+    new = with_bench(text, results, where)
+    if new == text:
+        return False
+    data = new.encode()
+    manifest["files"]["README.md"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    for path, content in ((card, data), (manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())):
+        tmp = path.with_name(f".{path.name}.edgeconv-tmp-{os.getpid()}")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)  # the card first: a run killed in between leaves a bundle that fails its check
+    return True

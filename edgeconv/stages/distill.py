@@ -41,6 +41,7 @@ from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import check_not_an_input, guarded, work_dir
 from edgeconv.io.output_dir import stage_key
 from edgeconv.progress import token_progress
+from edgeconv.reporting.model_card import write_checkpoint_card
 from edgeconv.stages.stage import Identity, StageBase, StageResult, run_stage
 from edgeconv.training import teacher_cache as cache_mod
 from edgeconv.training import metrics, train_state
@@ -189,11 +190,18 @@ class DistillStage(StageBase):
         for path in self.tokenizer_from.sidecar_files():
             if path.name != "generation_config.json" or self.tokenizer_from is s_ckpt:
                 shutil.copy(path, tmp / path.name)
+        if (s_ckpt.path / "plan.json").is_file():  # an edgeconv student: its plan goes on with it (cards, bundles)
+            shutil.copy(s_ckpt.path / "plan.json", tmp / "plan.json")
         shutil.copy(self.work / "metrics.jsonl", tmp / "metrics.jsonl")
         metrics.plot(rows, tmp / "loss.png", f"distill {s_ckpt.path.name} from {t_ckpt.path.name}: "
                                              f"{cfg.mode}, T={cfg.temperature:g}, ce_weight={cfg.ce_weight:g}")
-        return _summary(cfg, rows, self.outcome, self.accelerator.num_processes, self.precision, self.data_info,
-                        time.perf_counter() - self.started_at, self.extra["cache"], self.tokenizer_from is t_ckpt)
+        summary = _summary(cfg, rows, self.outcome, self.accelerator.num_processes, self.precision, self.data_info,
+                           time.perf_counter() - self.started_at, self.extra["cache"], self.tokenizer_from is t_ckpt)
+        # The model card (README.md): the teacher as base model, the student's plan, this distillation.
+        write_checkpoint_card(tmp, {"stage": STAGE, "inputs": {"teacher": str(t_ckpt.path),
+                                                               "data": str(Path(self.data).absolute())},
+                                    "options": self.options, "summary": summary}, name=self.out.name)
+        return summary
 
     def done(self, result: StageResult) -> None:
         if result.skipped:

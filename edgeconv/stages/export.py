@@ -41,13 +41,14 @@ class ExportStage(StageBase):
 
     def identity(self) -> Identity:
         return Identity({"student": sha256_file(self.student / "manifest.json")},
-                        {"format": self.fmt, "quant": self.quant}, {"student": str(self.student)})
+                        {"format": self.fmt, "quant": self.quant, "name": self.artifact_name},
+                        {"student": str(self.student)})
 
     def run(self, tmp: Path) -> dict:
         if self.fmt == "gguf":
             from edgeconv.stages.export_gguf import export_gguf
 
-            export_gguf(self.student, tmp / self.artifact.name, self.quant)
+            export_gguf(self.student, tmp / self.artifact.name, self.quant, name=self.artifact_name)
         else:
             from edgeconv.stages.export_onnx import export_onnx_genai
 

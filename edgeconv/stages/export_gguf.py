@@ -1,6 +1,8 @@
 """Export GGUF: write, quantize with llama.cpp, check parity against torch, then (only then) publish.
 
-Next to `NAME.gguf` it writes `NAME.parity.json`, an Ollama `NAME.Modelfile` and a model card `NAME.md`.
+Next to `NAME.gguf` it writes `NAME.parity.json`, an Ollama `NAME.Modelfile` and a model card `NAME.md` (front matter
+the Hugging Face Hub reads: base model, `base_model_relation: quantized`, license, tags; then the method and the
+parity table: edgeconv.reporting.model_card).
 Everything is built in a temp directory beside the output (`.NAME.gguf.edgeconv-tmp-PID`) and renamed into
 place when parity passes; a killed run's temp directory (with its whole-size float GGUF) is removed by the next
 export to the same output. The free space is checked before anything is written: the float file's size is
@@ -28,8 +30,10 @@ from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
 from edgeconv.io.output_dir import remove_stale_temps, sha256_file, temp_path
 from edgeconv.quant import get_quant
+from edgeconv.reporting.model_card import facts, gguf_card
 
 SIDE_FILES_BYTES = 1024**2  # NAME.parity.json, NAME.Modelfile, NAME.md: a few KB
+IMATRIX_SOURCE = "edgeconv: computed in torch, passed to llama.cpp in memory"  # quantize.imatrix.file
 
 
 @dataclass
@@ -69,9 +73,11 @@ def _written_by_edgeconv(out: Path) -> bool:
 @guarded("out", "model", "imatrix_data")
 def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, force: bool = False,
                 tokenizer_pre: str | None = None, prompts: list[str] = PROMPTS, imatrix_data: Path | None = None,
-                imatrix_tokens: int = 8192, reference: ReferenceOptions | None = None) -> GgufExport:
+                imatrix_tokens: int = 8192, reference: ReferenceOptions | None = None,
+                name: str | None = None) -> GgufExport:
     """`reference`: how the torch model the GGUF is checked against runs (device, dtype, whole or layer by
-    layer; by default float32, the whole model when it fits in memory, else layer by layer)."""
+    layer; by default float32, the whole model when it fits in memory, else layer by layer). `name`: the GGUF's
+    general.name [default: the model's hub id, else its directory name]."""
     is_float = get_quant("gguf", quant).float_type is not None  # unknown names refused with the known ones
     (reference or ReferenceOptions()).check()
     out = Path(out).absolute()
@@ -92,7 +98,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     plan, needed = None, 0
     tmp = temp_path(out)
     try:
-        plan = plan_gguf(ckpt.path, base, tokenizer_pre)
+        plan = plan_gguf(ckpt.path, base, tokenizer_pre, name)
         needed = plan.nbytes + SIDE_FILES_BYTES
         if not is_float:  # the float file and the quantized one are both on disk at the end
             needed += llamacpp.quantized_bytes_bound(plan.tensors(), quant, plan.metadata_bytes)
@@ -107,14 +113,18 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             base_file = tmp / f"base-{base}.gguf"
             info = plan.write(base_file)
             plan.close()
-            imatrix = None
+            imatrix, metadata = None, None
             if imatrix_data is not None:
                 from edgeconv.export.gguf.imatrix import compute_imatrix
 
                 imatrix = compute_imatrix(ckpt.path, Path(imatrix_data), imatrix_tokens)
-                info["imatrix"] = {"data": str(imatrix_data), "tokens": imatrix_tokens, "tensors": len(imatrix)}
+                info["imatrix"] = {"data": str(imatrix_data), "tokens": imatrix_tokens, "tensors": len(imatrix),
+                                   "chunks": imatrix.chunks, "chunk_size": imatrix.chunk_size}
+                # The keys llama-quantize writes for an --imatrix file. There is no file here (the matrix goes to
+                # llama.cpp in memory), so quantize.imatrix.file says where it came from instead of a path.
+                metadata = llamacpp.imatrix_metadata(IMATRIX_SOURCE, imatrix.dataset, len(imatrix), imatrix.chunks)
             try:
-                llamacpp.quantize(base_file, staged, quant, imatrix=imatrix)
+                llamacpp.quantize(base_file, staged, quant, imatrix=imatrix, metadata=metadata)
             except EdgeconvError as exc:
                 if disk_nearly_full(out.parent):  # llama.cpp ran out of space (it says so only in its log)
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -141,7 +151,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
         report["sha256"] = sha256_file(staged)
         (tmp / f"{stem.name}.parity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / f"{stem.name}.Modelfile").write_text(_modelfile(out.name))
-        (tmp / f"{stem.name}.md").write_text(_card(ckpt, quant, report))
+        (tmp / f"{stem.name}.md").write_text(gguf_card(facts(ckpt.path), out.name, quant, report))
         for f in tmp.iterdir():
             (out.parent / f.name).unlink(missing_ok=True)
             f.rename(out.parent / f.name)
@@ -186,25 +196,3 @@ FROM ./{name}
 PARAMETER temperature 0.7
 PARAMETER num_ctx 4096
 """
-
-
-def _card(ckpt: Checkpoint, quant: str, report: dict) -> str:
-    plan = ckpt.path / "plan.json"
-    method = json.loads(plan.read_text()).get("method", {}) if plan.is_file() else {}
-    mix = ", ".join(f"{t}: {n}" for t, n in report["type_mix"].items())
-    lines = [
-        f"# {report['artifact']}",
-        "",
-        f"- source checkpoint: `{ckpt.path}` ({(ckpt.config.get('architectures') or ['?'])[0]})",
-        f"- edgeconv plan: {json.dumps(method) if method else 'none (not an edgeconv conversion)'}",
-        f"- quantization: {quant}; tensor types actually stored: {mix}",
-        f"- importance matrix: {report['imatrix'] or 'none'}",
-        f"- parity vs torch on {len(PROMPTS)} prompts: max |diff| {report['max_abs_diff']:.3g} "
-        f"(largest logit {report['max_abs_logit']:.3g}), top-1 agreement {report['top1_agreement']:.1%}, "
-        f"perplexity ratio {report['ppl_ratio']:.4f}",
-        f"- produced by edgeconv {__version__}",
-    ]
-    if report["k_quant_fallbacks"]:
-        lines.append(f"- warning: {len(report['k_quant_fallbacks'])} tensors fell back from k-quants "
-                     "(input width not a multiple of 256)")
-    return "\n".join(lines) + "\n"

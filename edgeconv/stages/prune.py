@@ -14,6 +14,7 @@ import torch
 from edgeconv.errors import EdgeconvError
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
+from edgeconv.reporting.model_card import write_checkpoint_card
 from edgeconv.stages.stage import Identity, StageBase, StageResult, run_stage
 from edgeconv.study.dense_prune import (
     attention_shape,
@@ -101,7 +102,7 @@ class PruneStage(StageBase):
         (tmp / "importance.json").write_text(json.dumps(
             {str(i): {"channels": v["channels"].tolist(), "heads": v["heads"].tolist(), **kept[i]}
              for i, v in imp.items()}) + "\n")
-        return {
+        summary = {
             "architecture": self.arch,
             "source_params": param_count(config),
             "params": sum(p.numel() for p in self.small.parameters()),
@@ -112,6 +113,10 @@ class PruneStage(StageBase):
             "calibration_tokens": int(self.ids.numel()),
             "seconds": round(time.perf_counter() - self.started, 2),
         }
+        # The model card (README.md): the source as base model, its license, the pruning.
+        write_checkpoint_card(tmp, {"stage": STAGE, "inputs": {"model": str(ckpt.path), "data": str(self.data)},
+                                    "summary": summary}, name=self.out.name)
+        return summary
 
 
 @guarded("out", "dense", "data")

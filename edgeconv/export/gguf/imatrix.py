@@ -22,8 +22,17 @@ EXPERT = re.compile(r"^(model\.layers\.\d+)\.(mlp|block_sparse_moe)\.experts\.(\
 EXPERT_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
+class Imatrix(dict):
+    """GGUF tensor name -> float32 importance vector, and what it was computed on: `chunks` sequences of
+    `chunk_size` tokens (llama-imatrix's chunks: one forward pass each) of the data `dataset`."""
+
+    def __init__(self, vectors: dict[str, torch.Tensor], *, dataset: str, chunks: int, chunk_size: int):
+        super().__init__(vectors)
+        self.dataset, self.chunks, self.chunk_size = dataset, chunks, chunk_size
+
+
 def compute_imatrix(model_dir: Path, data: Path, tokens: int = 8192, seq_len: int = 256,
-                    cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
+                    cache_dir: Path | None = None) -> Imatrix:
     """GGUF tensor name -> float32 importance vector (length = input width, x experts for stacked experts).
 
     `data` is any calibration data (`edgeconv.io.text_data`: text, JSONL, parquet, a datasets directory),
@@ -70,4 +79,4 @@ def compute_imatrix(model_dir: Path, data: Path, tokens: int = 8192, seq_len: in
         gname = tmap.get_name(f"{layer}.mlp.experts.{proj}.weight", try_suffixes=(".weight",))
         if gname is not None:
             out[gname] = stacked
-    return out
+    return Imatrix(out, dataset=Path(data).name, chunks=int(ids.shape[0]), chunk_size=int(ids.shape[1]))

@@ -77,8 +77,47 @@ def log_tail(lines, n: int = LOG_LINES_SHOWN, limit: int = LOG_CHARS_SHOWN) -> s
     return text if len(text) <= limit else "..." + text[-(limit - 3):]
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None) -> None:
-    """llama.cpp's quantizer; `imatrix` maps GGUF tensor names to float32 importance vectors.
+# The keys llama-quantize (tools/quantize/quantize.cpp) writes when it quantizes with an importance matrix.
+IMATRIX_FILE = "quantize.imatrix.file"
+IMATRIX_DATASET = "quantize.imatrix.dataset"
+IMATRIX_ENTRIES = "quantize.imatrix.entries_count"
+IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
+KV_VALUE_CHARS = 127  # llama_model_kv_override's key and val_str are char[128]
+
+
+def imatrix_metadata(file: str, dataset: str | None, entries: int, chunks: int | None) -> dict[str, int | str]:
+    """The quantize.imatrix.* key-values as llama-quantize sets them: the file and dataset names (strings cut to
+    127 bytes), the number of entries and of chunks (llama.cpp stores both as uint32; no chunk count when unknown)."""
+    meta: dict[str, int | str] = {IMATRIX_FILE: file}
+    if dataset:
+        meta[IMATRIX_DATASET] = dataset
+    meta[IMATRIX_ENTRIES] = int(entries)
+    if chunks:
+        meta[IMATRIX_CHUNKS] = int(chunks)
+    return meta
+
+
+def _kv_overrides(llama_cpp, metadata: dict[str, int | str]):
+    """A null-terminated C array of llama_model_kv_override: ints as INT (llama.cpp writes them as uint32), strings
+    as STR, what llama-quantize builds from its --imatrix file."""
+    entries = (llama_cpp.llama_model_kv_override * (len(metadata) + 1))()  # zeroed: the last one ends the list
+    for entry, (key, value) in zip(entries, metadata.items()):
+        entry.key = key.encode()[:KV_VALUE_CHARS]
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"{key}: only int and str metadata can be handed to llama.cpp's quantizer")
+        if isinstance(value, int):
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            entry.value.val_i64 = value
+        else:
+            entry.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            entry.value.val_str = value.encode()[:KV_VALUE_CHARS]
+    return entries
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatrix: dict | None = None,
+             metadata: dict[str, int | str] | None = None) -> None:
+    """llama.cpp's quantizer; `imatrix` maps GGUF tensor names to float32 importance vectors; `metadata`: key-values
+    set in the output (llama.cpp's kv_overrides; `imatrix_metadata` gives the ones llama-quantize sets).
 
     A failure is an EdgeconvError that quotes llama.cpp's last log lines (its log is otherwise hidden).
     """
@@ -97,6 +136,10 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None, imatr
             entries[i].size = buf.size
         keep.append(entries)
         params.imatrix = entries
+    if metadata:
+        overrides = _kv_overrides(llama_cpp, metadata)
+        keep.append(overrides)
+        params.kv_overrides = overrides
     with captured_log(llama_cpp) as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:

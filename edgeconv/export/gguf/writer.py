@@ -21,6 +21,7 @@ import torch
 
 from edgeconv.errors import EdgeconvError
 from edgeconv.export.gguf.arch import GgufArch, family_adapter, gguf_arch_for, permute_for_llama_rope
+from edgeconv.export.gguf.metadata import add_general
 from edgeconv.export.gguf.vocab import add_vocab
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.quant import get_quant, quants
@@ -213,8 +214,10 @@ def _file_bytes(writer: gguf.GGUFWriter) -> tuple[int, int]:
     return metadata, metadata + sum(gguf.GGUFWriter.ggml_pad(info.nbytes, align) for info in tensors.values())
 
 
-def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None) -> GgufPlan:
-    """Declare `model_dir` as a GGUF of float type `ftype`: everything but the tensor data, which `write` streams."""
+def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None, name: str | None = None) -> GgufPlan:
+    """Declare `model_dir` as a GGUF of float type `ftype`: everything but the tensor data, which `write` streams.
+    `name`: general.name [default: the hub id, else the directory name]; the rest of general.* is
+    edgeconv.export.gguf.metadata's."""
     floats = [q.name for q in quants("gguf") if q.float_type]  # the types edgeconv writes itself (edgeconv.quant)
     if ftype not in floats:
         raise EdgeconvError(f"{ftype} is not a float GGUF type", f"use one of {', '.join(floats)}")
@@ -226,12 +229,8 @@ def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None) -> Gg
         qtype, file_type = gguf.GGMLQuantizationType[entry.float_type], gguf.LlamaFileType[entry.ftype]
         items = _items(ckpt, spec)
         writer = gguf.GGUFWriter(None, spec.name)
-        writer.add_name(Path(model_dir).name)
-        writer.add_file_type(file_type)
-        spec.metadata(writer, ckpt.config)
-        pre_used = add_vocab(writer, ckpt.path, int(ckpt.config["vocab_size"]), pre)
         types = {}
-        for it in items:
+        for it in items:  # declared first: general.size_label counts them
             t = gguf.GGMLQuantizationType.F32 if _kept_f32(it) else qtype
             types[it.name] = t
             itemsize = 4 if t == gguf.GGMLQuantizationType.F32 else 2
@@ -239,6 +238,13 @@ def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None) -> Gg
                         gguf.GGMLQuantizationType.BF16: np.uint16}[t]
             writer.add_tensor_info(it.name, it.shape, np.dtype(np_dtype), int(np.prod(it.shape)) * itemsize,
                                    raw_dtype=t if t == gguf.GGMLQuantizationType.BF16 else None)
+        # The key-values in the order llama.cpp's converter writes them: general.*, the architecture's, the
+        # quantization version, the file type, the tokenizer's.
+        add_general(writer, ckpt.path, name)
+        spec.metadata(writer, ckpt.config)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(file_type)
+        pre_used = add_vocab(writer, ckpt.path, int(ckpt.config["vocab_size"]), pre)
         metadata, nbytes = _file_bytes(writer)
     except BaseException:
         if writer is not None:
@@ -248,14 +254,15 @@ def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None) -> Gg
     return GgufPlan(ckpt, spec, writer, items, types, ftype, pre_used, metadata, nbytes)
 
 
-def write_gguf(model_dir: Path, out_path: Path, ftype: str = "F16", pre: str | None = None) -> dict:
+def write_gguf(model_dir: Path, out_path: Path, ftype: str = "F16", pre: str | None = None,
+               name: str | None = None) -> dict:
     """Write `model_dir` as a GGUF of float type `ftype` to `out_path`; returns what was written.
 
     Refuses before writing when the disk lacks the file's (exactly known) size; a disk that fills up anyway
     leaves no partial file and the same one-line error.
     """
     out_path = Path(out_path)
-    plan = plan_gguf(model_dir, ftype, pre)
+    plan = plan_gguf(model_dir, ftype, pre, name)
     try:
         what = f"the {ftype} GGUF {out_path.name}"
         check_free_space(out_path.parent, plan.nbytes, what)

@@ -334,6 +334,37 @@ def test_long_documents_raise_no_transformers_warning(tokenizer, tmp_path, capfd
     assert "longer than the specified maximum" not in capfd.readouterr().err + caplog.text
 
 
+def test_the_shipped_calibration_text_tokenizes_quietly(tmp_path):
+    """Issue 21: calibration of demo-moe on the shipped text (one document is 1,393 tokens, the demo tokenizer's
+    model_max_length 1,024) must not print transformers' too-long warning: whole documents are meant."""
+    import logging
+
+    from edgeconv.demo import CALIBRATION_DATA
+    from edgeconv.io.checkpoint import resolve_model_path
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    seen = Records()
+    log = logging.getLogger("transformers")  # transformers' own handler writes to stderr, this one records too
+    log.addHandler(seen)
+    try:
+        demo = resolve_model_path("demo-moe")
+        token_sequences(AutoTokenizer.from_pretrained(demo), CALIBRATION_DATA, 8192, 512, cache_dir=tmp_path)
+        assert not [m for m in seen.messages if "longer than the specified maximum" in m]
+        # The same tokenizer called plainly on that text does warn: the check above would see it.
+        longest = max((text for _, text in iter_documents(CALIBRATION_DATA)), key=len)
+        AutoTokenizer.from_pretrained(demo)(longest)
+        assert [m for m in seen.messages if "longer than the specified maximum" in m]
+    finally:
+        log.removeHandler(seen)
+
+
 # --- tables as --data ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["parquet", "parquet-dir", "dataset", "dataset-dict"])

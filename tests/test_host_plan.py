@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from edgeconv.cli import main
 from edgeconv.device.host_plan import (ADAMW_BYTES_PER_PARAM, PROCESS_BYTES, Host, cache_bytes_per_token, measure,
                                        teacher_shape)
-from edgeconv.device.memory_fit import tensor_shapes
+from edgeconv.device.memory_fit import gguf_file, tensor_shapes
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for
 from edgeconv.pipelines.build import plan_build
@@ -106,10 +106,14 @@ def test_small_config_stage_arithmetic(tmp_path):
     writes = {i.name: i.bytes for i in h.stage("distill").writes}
     assert writes == {"checkpoints": 3 * 12 * STUDENT_PARAMS, "distilled student": 2 * STUDENT_PARAMS}
     assert {i.name: i.bytes for i in h.stage("assemble").writes} == {"assembled student": 2 * STUDENT_PARAMS}
-    # export: a BF16 GGUF (1-D tensors in F32: 2 x (32 + 32 + 8 + 8) + 32 norms) then the quantized file
+    # export: a BF16 GGUF (1-D tensors in F32: 2 x (32 + 32 + 8 + 8) + 32 norms) then the quantized file, each the
+    # whole file: every tensor's data padded to 32 bytes, and the header with the tokenizer's metadata
     norms = 2 * 80 + 32
     export = {i.name: i.bytes for i in h.stage("export").writes}
-    assert export["BF16 GGUF"] == (STUDENT_PARAMS - norms) * 2 + norms * 4
+    bf16 = gguf_file(family_for(SMALL).dense_config(32), "BF16")
+    assert export["BF16 GGUF"] == bf16.file_bytes
+    tensors = (STUDENT_PARAMS - norms) * 2 + norms * 4
+    assert tensors <= bf16.tensor_bytes < tensors + 32 * len(bf16.types.types) and bf16.metadata_bytes > 384 * 8
     assert export["Q4_K_M gguf"] == plan.estimate.weights_bytes
     # the disk's peak is distillation: the assembled student, the checkpoints and the distilled student
     (disk,) = h.disks

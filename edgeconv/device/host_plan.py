@@ -585,7 +585,7 @@ def plan_host(*, config: dict, family, path: Path, dense: dict, student_params: 
 
     # export: the float GGUF and the quantized one (CPU), parity against the torch student in fp32
     float_type = "BF16" if t.dtype == "bfloat16" else "F32"
-    float_bytes = weight_bytes(student_shapes, "gguf", float_type) if fmt == "gguf" else 0
+    float_bytes = weight_bytes(student_shapes, "gguf", float_type, config=dense, tokenizer=path) if fmt == "gguf" else 0
     whole = student_params * 4
     if whole <= ONE_PASS_ABOVE and whole_fits(whole, ALLOWANCE, dev):
         memory, how = base + whole, f"parity reference: the student whole in fp32 {gb(whole)}"

@@ -3,6 +3,9 @@
 The dense model keeps GPT-OSS's attention sinks, alternating sliding-window layers and its clamped SwiGLU
 with biases: (clamp(up) + 1) * glu(clamp(gate)) acts on each neuron alone, so concatenating experts is
 still exact. The one-expert router has a zero weight and bias; softmax over its single top-1 logit is 1.
+One deliberate difference: the released configs' YaRN has `truncate: false`, which llama.cpp does not implement
+(it always truncates the correction range). The student is ours to define, so it gets `truncate: true` from the
+start: distillation trains it with the rope llama.cpp runs, and its GGUF matches torch at the normal tolerance.
 On disk, experts are fused 3-D tensors with gate and up interleaved (bf16), or MXFP4 blocks as released.
 """
 
@@ -44,6 +47,10 @@ class GptOss(MoEFamily):
     def dense_config(self, width: int) -> dict:
         dense = super().dense_config(width)
         dense.update(num_local_experts=1, num_experts_per_tok=1, output_router_logits=False)
+        scaling = dense.get("rope_scaling")
+        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) == "yarn" \
+                and scaling.get("truncate") is False:
+            dense["rope_scaling"] = {**scaling, "truncate": True}  # llama.cpp's YaRN (see the module docstring)
         if "experts_per_token" in dense:
             dense["experts_per_token"] = 1
         return dense

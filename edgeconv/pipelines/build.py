@@ -97,10 +97,12 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
     width = groups * family.expert_width + family.shared_width
     cand = Config(groups, width, fmt, quant, context or profile.context)
     dense = family.dense_config(width)
-    est = estimate(dense, cand, profile.usable_bytes)
+    check_exportable(dense, fmt, "the student")
+    est = estimate(dense, cand, profile.usable_bytes, tokenizer=path)  # the student carries the teacher's tokenizer
     name = path.name if path.name != "." else "model"
     if not est.fits:
-        best = largest_fit(dense, cand, family.expert_width, family.shared_width, profile.usable_bytes)
+        best = largest_fit(dense, cand, family.expert_width, family.shared_width, profile.usable_bytes,
+                           tokenizer=path)
         hint = (f"the largest configuration that fits: {best.config.flags()} ({gb(best.total_bytes)}: "
                 f"{best.params / 1e9:.2f} B parameters)" if best else
                 "nothing fits: not even one expert group at the lowest precision and 512 tokens of context")
@@ -127,6 +129,20 @@ def plan_build(model: str | Path, target: str, *, out: Path | None = None, fmt: 
                           host=host)
     plan.host.check()  # memory or disk this host cannot give: refused now, --dry-run included
     return plan
+
+
+def check_exportable(config: dict, fmt: str, what: str) -> None:
+    """What the exporter would refuse about `config` alone (GGUF: the architecture, rope scaling, DeepSeek-V2's q
+    LoRA, dense layers in a MoE; onnx-genai: the builder's architectures and head widths), raised while planning,
+    --dry-run included, instead of after calibration and assembly."""
+    if fmt == "gguf":
+        from edgeconv.export.gguf.arch import check_config
+
+        check_config(config)
+    elif fmt == "onnx-genai":
+        from edgeconv.export.onnx.exporter import check_genai_supported
+
+        check_genai_supported(config, what)
 
 
 def build_stages(plan: BuildPlan, *, data: Path | None = None, distill_data: Path | None = None,

@@ -47,6 +47,15 @@ def _common(w: gguf.GGUFWriter, c: dict) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(scaling["factor"]))
         w.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        # The YaRN parameters a config may set, written when it does (as llama.cpp's converter writes them; llama.cpp
+        # otherwise assumes its defaults: beta_fast 32, beta_slow 1, the extrapolation and attention factors derived).
+        for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                         ("attn_factor", w.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if scaling.get(key) is not None and not (key == "attn_factor" and "attention_factor" in scaling):
+                add(float(scaling[key]))
     elif kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
@@ -79,14 +88,23 @@ def _dense(w, c):
     w.add_feed_forward_length(int(c["intermediate_size"]))
 
 
+def _moe_dense_width(w, c):
+    # The width of the dense MLP a Qwen-MoE config also declares (mlp_only_layers use it): llama.cpp's converter
+    # writes it as feed_forward_length even when every layer is MoE, so it is written here too.
+    if c.get("intermediate_size"):
+        w.add_feed_forward_length(int(c["intermediate_size"]))
+
+
 def _qwen3moe(w, c):
     _common(w, c)
+    _moe_dense_width(w, c)
     _moe(w, c, "num_experts", "moe_intermediate_size")
     w.add_expert_weights_norm(bool(c.get("norm_topk_prob", False)))
 
 
 def _qwen2moe(w, c):
     _common(w, c)
+    _moe_dense_width(w, c)
     _moe(w, c, "num_experts", "moe_intermediate_size")
     w.add_expert_shared_feed_forward_length(int(c["shared_expert_intermediate_size"]))
 
@@ -96,6 +114,7 @@ def _mixtral(w, c):
     w.add_feed_forward_length(int(c["intermediate_size"]))
     w.add_expert_count(int(c["num_local_experts"]))
     w.add_expert_used_count(int(c["num_experts_per_tok"]))
+    _llama(w, c)
 
 
 def _olmoe(w, c):
@@ -138,7 +157,19 @@ def _deepseek2(w, c):
     w.add_expert_weights_scale(float(c.get("routed_scaling_factor") or 1.0))
     w.add_expert_weights_norm(False)  # transformers 4.57's DeepSeek-V2 router never renormalises
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    # Group-limited routing: transformers applies n_group / topk_group only for topk_method group_limited_greedy
+    # (DeepSeek-V2, V2-Chat); for greedy (V2-Lite) one group, which is no grouping in llama.cpp too (it asserts
+    # topk_group < n_group whenever n_group > 1).
+    grouped = c.get("topk_method") == "group_limited_greedy" and int(c.get("n_group") or 1) > 1
+    w.add_expert_group_count(int(c["n_group"]) if grouped else 1)
+    w.add_expert_group_used_count(int(c["topk_group"]) if grouped else 1)
     w.add_rope_dimension_count(int(c["qk_rope_head_dim"]))
+    scaling = c.get("rope_scaling") or {}
+    if scaling.get("mscale_all_dim") is not None:
+        # YaRN's attention scale: llama.cpp's deepseek2 derives its rope and softmax scaling from 0.1 * mscale_all_dim
+        # (what llama.cpp's converter writes). Without it the DeepSeek-V2-Lite shape (benchmarks/gguf_keys.py) missed
+        # the F32 parity tolerance at 25 of 140 positions; with it, none.
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(scaling["mscale_all_dim"]))
 
 
 def _glm4moe(w, c):
@@ -157,12 +188,24 @@ def _glm4moe(w, c):
     w.add_nextn_predict_layers(0)
 
 
+def _llama(w, c):
+    # What llama.cpp's converter adds for its llama architecture (Mistral): the vocabulary size and the rotary
+    # dimensions (the whole head, which llama.cpp also assumes when the key is absent).
+    w.add_vocab_size(int(c["vocab_size"]))
+    w.add_rope_dimension_count(int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]))
+
+
+def _mistral(w, c):
+    _dense(w, c)
+    _llama(w, c)
+
+
 ARCHS: dict[str, GgufArch] = {
     "Qwen3ForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN3, _dense),
     "Qwen3MoeForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN3MOE, _qwen3moe, moe=True),
     "Qwen2ForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN2, _dense),
     "Qwen2MoeForCausalLM": GgufArch(gguf.MODEL_ARCH.QWEN2MOE, _qwen2moe, moe=True),
-    "MistralForCausalLM": GgufArch(gguf.MODEL_ARCH.LLAMA, _dense, permute_qk=True),
+    "MistralForCausalLM": GgufArch(gguf.MODEL_ARCH.LLAMA, _mistral, permute_qk=True),
     "MixtralForCausalLM": GgufArch(gguf.MODEL_ARCH.LLAMA, _mixtral, moe=True, permute_qk=True),
     "OlmoeForCausalLM": GgufArch(gguf.MODEL_ARCH.OLMOE, _olmoe, moe=True),
     "GptOssForCausalLM": GgufArch(gguf.MODEL_ARCH.GPT_OSS, _gpt_oss, moe=True),
@@ -184,3 +227,27 @@ def gguf_arch_for(config: dict) -> GgufArch:
 def family_adapter(config: dict):
     """The family adapter used to read experts, also for single-expert outputs (OLMoE, GPT-OSS)."""
     return FAMILIES.get(config["architectures"][0])(config)
+
+
+class _NoWriter:
+    """Takes every GGUFWriter call and keeps nothing: running an architecture's metadata function against it
+    raises exactly the refusals that depend on config.json alone (check_config)."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def check_config(config: dict) -> GgufArch:
+    """Everything the GGUF writer would refuse about `config` (architecture, rope scaling, DeepSeek-V2's q LoRA,
+    dense layers in a MoE that llama.cpp wants all-MoE), raised now: planning and --dry-run call this before any
+    work, on the student's config (and the teacher's when it is exported too)."""
+    arch = gguf_arch_for(config)
+    arch.metadata(_NoWriter(), config)
+    if arch.moe and not arch.split_kv_b:
+        family = family_adapter(config)
+        dense = sorted(set(range(family.num_layers)) - set(family.moe_layers()))
+        if dense:
+            raise EdgeconvError(
+                f"llama.cpp's {arch.name} needs every layer to be MoE, but layers {dense} of this model are dense",
+                "export it to ONNX instead")
+    return arch

@@ -261,7 +261,8 @@ def run_measured(cmd: list[str], log: Path, poll_s: float = 0.02) -> dict:
     usage_file.unlink(missing_ok=True)
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(usage_file), *cmd], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(usage_file), *cmd], stdout=fh,
+                                stderr=subprocess.STDOUT)
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
 
@@ -525,8 +526,10 @@ def main() -> int:
         f"read all       {raw_s:.2f} s  median of {fmt_runs(raws)}: every byte of every shard, "
         f"{ckpt_bytes / MB / raw_s:,.0f} MB/s",
         f"assemble       {run['wall_s']:.2f} s  median of {fmt_runs(walls)} wall; median run "
-        f"{run['user_s']:.2f} s user, {run['sys_s']:.2f} s sys; plan first:{top_k}, dense width {check['dense_width']}",
-        f"  of which     {imports['wall_s']:.2f} s / {imports['peak_rss_bytes'] / MB:,.0f} MB is python + torch import alone",
+        f"{run['user_s']:.2f} s user, {run['sys_s']:.2f} s sys; plan first:{top_k}, "
+        f"dense width {check['dense_width']}",
+        f"  of which     {imports['wall_s']:.2f} s / {imports['peak_rss_bytes'] / MB:,.0f} MB "
+        "is python + torch import alone",
         f"peak RSS       {peak_rss / MB:,.0f} MB, largest of {args.repeat} runs (wait4 ru_maxrss; psutil 20 ms "
         f"polling {max(r['polled_peak_rss_bytes'] for r in runs) / MB:,.0f} MB)",
         f"output         {check['shards']} shard(s), {check['tensors']} tensors, {check['weights_bytes'] / MB:,.0f} MB "
@@ -536,7 +539,8 @@ def main() -> int:
     ]
     if cold:
         lines.append(f"cold cache     read {cold['read_s']:.2f} s, assemble {cold['assemble_wall_s']:.2f} s, "
-                     f"ratio {cold['assemble_over_read']:.2f} (shards evicted with fadvise DONTNEED; not the goal figure)")
+                     f"ratio {cold['assemble_over_read']:.2f} "
+                     "(shards evicted with fadvise DONTNEED; not the goal figure)")
     print("\n".join(lines))
     result["printed"] = lines
     args.json.parent.mkdir(parents=True, exist_ok=True)

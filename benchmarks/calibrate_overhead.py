@@ -77,12 +77,14 @@ EOS = "<|endoftext|>"
 def make_corpus(path: Path, words: int, seed: int) -> None:
     """JSONL documents of pseudo-English sentences: made-up words with Zipf-like frequencies."""
     rng = random.Random(seed)
-    onsets = ["", "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "w", "st", "tr", "ch", "sh", "th", "pl", "gr"]
+    onsets = ["", "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "w", "st", "tr", "ch", "sh", "th",
+              "pl", "gr"]
     vowels = ["a", "e", "i", "o", "u", "ea", "ou", "ai", "ee", "y"]
     codas = ["", "", "n", "r", "s", "t", "l", "nd", "st", "ng", "ck", "m", "th"]
     vocab = set()
     while len(vocab) < 3000:
-        vocab.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.choice([1, 1, 2, 2, 3]))))
+        vocab.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+                          for _ in range(rng.choice([1, 1, 2, 2, 3]))))
     vocab = sorted(vocab)
     rng.shuffle(vocab)
     weights = [1.0 / (r + 1) for r in range(len(vocab))]
@@ -310,7 +312,8 @@ def main() -> int:
     cal_cmd = cmd + ["calibrate", str(model_dir), "--data", str(corpus), "--tokens", str(args.tokens),
                      "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--out", str(stats_dir),
                      "--no-progress", "--force"]
-    imports = run_measured([sys.executable, "-c", "import edgeconv.cli, edgeconv.stages.calibrate"], work / "import.log")
+    imports = run_measured([sys.executable, "-c", "import edgeconv.cli, edgeconv.stages.calibrate"],
+                           work / "import.log")
 
     fwds, cals = [], []
     for i in range(args.repeat):
@@ -325,11 +328,12 @@ def main() -> int:
         c["manifest"] = json.loads((stats_dir / "manifest.json").read_text())
         cals.append(c)
         print(f"calibrate     {i + 1}/{args.repeat}: process {c['wall_s']:.2f} s, layer-by-layer "
-              f"{c['manifest']['summary']['seconds']:.2f} s, peak RSS {c['peak_rss_bytes'] / MB:,.0f} MB; other processes "
-              f"used {c['other_cpu_s']:.1f} CPU s meanwhile", flush=True)
+              f"{c['manifest']['summary']['seconds']:.2f} s, peak RSS {c['peak_rss_bytes'] / MB:,.0f} MB; "
+              f"other processes used {c['other_cpu_s']:.1f} CPU s meanwhile", flush=True)
 
     manifest = cals[-1]["manifest"]
-    same_tokens = all(f["inner"]["tokens_sha256"] == c["manifest"]["inputs"]["tokens_sha256"] for f in fwds for c in cals)
+    same_tokens = all(f["inner"]["tokens_sha256"] == c["manifest"]["inputs"]["tokens_sha256"]
+                      for f in fwds for c in cals)
     summary = manifest["summary"]
     f_wall = med([f["wall_s"] for f in fwds])
     f_loop = med([f["inner"]["forward_s"] for f in fwds])
@@ -352,8 +356,9 @@ def main() -> int:
         prof_log = work / "calibrate-profile.log"
         with open(prof_log, "w") as fh:
             subprocess.run([sys.executable, str(Path(__file__).resolve()), "_profile", str(model_dir), str(corpus),
-                            str(args.tokens), str(args.seq_len), str(args.batch_size), str(work / "calibrate-stats-prof"),
-                            str(pstats_file)], stdout=fh, stderr=subprocess.STDOUT, check=True)
+                            str(args.tokens), str(args.seq_len), str(args.batch_size),
+                            str(work / "calibrate-stats-prof"), str(pstats_file)],
+                           stdout=fh, stderr=subprocess.STDOUT, check=True)
         profile = {"pstats": str(pstats_file), "log": str(prof_log)}
         print(f"cProfile of calibrate: {prof_log} (pstats {pstats_file})", flush=True)
 
@@ -375,7 +380,8 @@ def main() -> int:
                  "batch_size": args.batch_size, "same_token_ids": same_tokens,
                  "tokens_sha256": fwds[0]["inner"]["tokens_sha256"]},
         "repeat": args.repeat,
-        "import_floor": {"wall_s": round(imports["wall_s"], 3), "peak_rss_mb": round(imports["peak_rss_bytes"] / MB, 1)},
+        "import_floor": {"wall_s": round(imports["wall_s"], 3),
+                         "peak_rss_mb": round(imports["peak_rss_bytes"] / MB, 1)},
         "plain_forward": {
             "what": "from_pretrained(float32, eager) + model.model(input_ids=batch, use_cache=False), no lm_head",
             "process_wall_s": round(f_wall, 3),
@@ -419,10 +425,13 @@ def main() -> int:
     m = result["machine"]
     lines = [
         "== edgeconv calibrate: overhead over a plain teacher forward ==",
-        f"model          random Qwen3-MoE, {layers} layers x {SHAPE['num_experts']} experts of {SHAPE['moe_intermediate_size']} "
+        f"model          random Qwen3-MoE, {layers} layers x {SHAPE['num_experts']} experts of "
+        f"{SHAPE['moe_intermediate_size']} "
         f"(top-{SHAPE['num_experts_per_tok']}), hidden {SHAPE['hidden_size']}, vocab {SHAPE['vocab_size']}, "
-        f"bf16 safetensors {ckpt_bytes / MB:,.0f} MB ({'reused' if gen['reused'] else 'generated'}); run in fp32, eager attention",
-        f"machine        {m['cpus']} CPUs, {m['mem_total_gb']} GB RAM, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"bf16 safetensors {ckpt_bytes / MB:,.0f} MB ({'reused' if gen['reused'] else 'generated'}); "
+        "run in fp32, eager attention",
+        f"machine        {m['cpus']} CPUs, {m['mem_total_gb']} GB RAM, torch {m['torch']} "
+        f"({m['torch_threads']} threads), "
         f"transformers {m['transformers']}",
         f"data           {ntok:,} tokens = {ntok // args.seq_len} x {args.seq_len}, batch {args.batch_size}; "
         f"identical token ids: {'yes' if same_tokens else 'NO'}",
@@ -430,16 +439,20 @@ def main() -> int:
         f"(model.model, no lm_head); process {f_wall:.2f} s  median of {fmt_runs([f['wall_s'] for f in fwds])} s "
         f"(from_pretrained {f_load:.2f} s)",
         f"calibrate      layer-by-layer {c_inner:.2f} s  median of "
-        f"{fmt_runs([c['manifest']['summary']['seconds'] for c in cals])} s (manifest 'seconds'); process {c_wall:.2f} s  "
-        f"median of {fmt_runs([c['wall_s'] for c in cals])} s",
+        f"{fmt_runs([c['manifest']['summary']['seconds'] for c in cals])} s (manifest 'seconds'); "
+        f"process {c_wall:.2f} s  median of {fmt_runs([c['wall_s'] for c in cals])} s",
         f"contention     CPU s used by other processes during each run: plain forward "
         f"{fmt_runs([f['other_cpu_s'] for f in fwds])}, calibrate {fmt_runs([c['other_cpu_s'] for c in cals])}",
-        f"  import floor {imports['wall_s']:.2f} s / {imports['peak_rss_bytes'] / MB:,.0f} MB (python + torch + edgeconv import)",
-        f"peak RSS       plain forward {f_rss / MB:,.0f} MB, calibrate {c_rss / MB:,.0f} MB (largest of {args.repeat} runs each, "
+        f"  import floor {imports['wall_s']:.2f} s / {imports['peak_rss_bytes'] / MB:,.0f} MB "
+        "(python + torch + edgeconv import)",
+        f"peak RSS       plain forward {f_rss / MB:,.0f} MB, calibrate {c_rss / MB:,.0f} MB "
+        f"(largest of {args.repeat} runs each, "
         f"wait4 ru_maxrss); checkpoint {ckpt_bytes / MB:,.0f} MB bf16 = {2 * ckpt_bytes / MB:,.0f} MB as fp32",
-        f"inner ratio    {inner_ratio:.2f}   calibrate 'seconds' / plain forward loop     goal <= {GOAL}  {yes(inner_ratio <= GOAL)}",
+        f"inner ratio    {inner_ratio:.2f}   calibrate 'seconds' / plain forward loop     "
+        f"goal <= {GOAL}  {yes(inner_ratio <= GOAL)}",
         f"whole ratio    {whole_ratio:.2f}   calibrate process / plain forward process    (not the goal figure)",
-        f"CPU ratio      {cpu_ratio:.2f}   calibrate process CPU s / plain forward process CPU s ({c_cpu:.1f} / {f_cpu:.1f}; "
+        f"CPU ratio      {cpu_ratio:.2f}   calibrate process CPU s / plain forward process CPU s "
+        f"({c_cpu:.1f} / {f_cpu:.1f}; "
         f"less sensitive to other load)",
     ]
     print("\n".join(lines))

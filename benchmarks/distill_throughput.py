@@ -115,7 +115,8 @@ def main() -> int:
                 r["summary"] = json.loads((outs[name] / "manifest.json").read_text())["summary"]
                 r["tokens_per_second"] = r["summary"]["train_tokens_per_second"]
             results[name].append(r)
-            print(f"{name:8} {i + 1}/{args.repeat}: {r['tokens_per_second']:,.0f} tokens/s, process {r['wall_s']:.1f} s, "
+            print(f"{name:8} {i + 1}/{args.repeat}: {r['tokens_per_second']:,.0f} tokens/s, "
+                  f"process {r['wall_s']:.1f} s, "
                   f"peak RSS {r['peak_rss_bytes'] / MB:,.0f} MB; other processes used {r['other_cpu_s']:.1f} CPU s "
                   "meanwhile", flush=True)
 

@@ -74,7 +74,8 @@ def build_teacher(out: Path, corpus: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=8192, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=8192, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     tok.train_from_iterator(texts, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(out)
@@ -100,7 +101,8 @@ def main() -> int:
     if not (teacher / "config.json").exists():
         build_teacher(teacher, corpus)
     if not (student / "manifest.json").exists():
-        subprocess.run([*ec, "plan", str(teacher), "--experts", "first:2", "--out", str(work / "plan.json")], check=True)
+        subprocess.run([*ec, "plan", str(teacher), "--experts", "first:2", "--out", str(work / "plan.json")],
+                       check=True)
         subprocess.run([*ec, "assemble", str(teacher), "--plan", str(work / "plan.json"), "--out", str(student),
                         "--force", "--no-progress"], check=True)
     results = {"machine": machine(), "models": {}, "gguf": [], "onnx": [], "decode": []}
@@ -120,14 +122,15 @@ def main() -> int:
                                     "parity_ppl_ratio": parity["ppl_ratio"], "type_mix": parity["type_mix"]})
             speed = subprocess.run([sys.executable, "-c", DECODE, str(out), str(args.decode_tokens)], check=True,
                                    capture_output=True, text=True)
-            results["decode"].append({"model": name, "quant": quant, **json.loads(speed.stdout.strip().splitlines()[-1])})
+            results["decode"].append({"model": name, "quant": quant,
+                                      **json.loads(speed.stdout.strip().splitlines()[-1])})
     if not args.skip_onnx:
         for name, path in (("teacher", teacher), ("student", student)):
             out = work / "onnx" / f"{name}-fp32"
             run = measured([*ec, "export", str(path), "--format", "onnx", "--quant", "fp32", "--out", str(out),
                             "--force"], work / f"export-onnx-{name}.log")
-            entry = {"model": name, "precision": "fp32", "wall_s": run["wall_s"], "peak_rss_bytes": run["peak_rss_bytes"],
-                     "returncode": run["returncode"]}
+            entry = {"model": name, "precision": "fp32", "wall_s": run["wall_s"],
+                     "peak_rss_bytes": run["peak_rss_bytes"], "returncode": run["returncode"]}
             if run["returncode"] == 0:
                 entry["artifact_bytes"] = size_of(out)
             else:

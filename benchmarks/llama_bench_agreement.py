@@ -201,7 +201,10 @@ def save(args, rows: list) -> str:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.exists():  # keep rows measured earlier under other settings (e.g. 2 threads after 1)
         old = json.loads(args.out.read_text())
-        key = lambda r: (r["model"], r["threads"], r["flash_attn"], r["depth"])
+
+        def key(r):
+            return (r["model"], r["threads"], r["flash_attn"], r["depth"])
+
         new_keys = {key(r) for r in rows}
         result["rows"] = [r for r in old.get("rows", []) if key(r) not in new_keys and "ratio_matched" in r] + rows
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -291,8 +294,8 @@ def main() -> int:
                         "bench_py_matched_runtime_clock_tok_s": round(statistics.median(
                             x["runtime_clock_tok_s"] or 0 for x in runs["bench_py_matched"]), 1),
                         "ratio_default_context": rounded(med["bench_py_default"] and med["bench_py_default"] / ref, 4),
-                        "ratio_python_lib": rounded(med["llama_bench_python_lib"] and med["llama_bench_python_lib"] / ref,
-                                                4),
+                        "ratio_python_lib": rounded(med["llama_bench_python_lib"]
+                                                    and med["llama_bench_python_lib"] / ref, 4),
                         "within_5_percent": abs(med["bench_py_matched"] / ref - 1) <= 0.05,
                         "paired_within_5_percent": 0.95 <= low and high <= 1.05,
                         "other_job_running": busy,  # another job shared the 2-core machine during this row

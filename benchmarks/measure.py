@@ -41,7 +41,8 @@ def measured(cmd: list[str], log: Path) -> dict:
     usage_file = log.with_suffix(".rusage.json")
     usage_file.unlink(missing_ok=True)
     with open(log, "wb") as fh:
-        proc = subprocess.run([sys.executable, "-c", WRAPPER, str(usage_file), *cmd], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, "-c", WRAPPER, str(usage_file), *cmd], stdout=fh,
+                              stderr=subprocess.STDOUT)
     usage = json.loads(usage_file.read_text())
     return {
         "returncode": proc.returncode,

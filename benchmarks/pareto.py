@@ -12,8 +12,9 @@ Every step is skipped when its output exists (rerun after an interruption). Need
     python benchmarks/pareto.py                  # -> benchmarks/results/study/pareto.{png,md,json}
 
 Accuracy is the runner's mean exact match over the six skills (50 examples each) and its perplexity (geometric
-mean over the two held-out corpora; multiple choice, 27-29 % for every model here, is in the table only); latency is decode milliseconds per token after the shortest prompt; memory is the
-runner's peak RSS (weights are memory-mapped: pages of experts never chosen are never read).
+mean over the two held-out corpora; multiple choice, 27-29 % for every model here, is in the table only); latency
+is decode milliseconds per token after the shortest prompt; memory is the runner's peak RSS (weights are
+memory-mapped: pages of experts never chosen are never read).
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "edgeconv" / "assets" / "demo-moe"
@@ -587,7 +591,7 @@ def split_shards(plan: list[Tensor], shard_bytes: int) -> list[list[Tensor]]:
     return shards
 
 
-def unigram_log_probs(vocab_size: int) -> "torch.Tensor":
+def unigram_log_probs(vocab_size: int) -> torch.Tensor:
     """log p(token) of the demo tokenizer over the shipped distillation text (+0.5 smoothing), centred."""
     import torch
     from tokenizers import Tokenizer

@@ -5,10 +5,10 @@ import json
 import os
 
 import pytest
+import tiny
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import tiny
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import FAMILIES, family_for
 from edgeconv.io.checkpoint import Checkpoint, resolve_model_path
@@ -108,7 +108,8 @@ def test_inspect_counts_match_the_real_models(arch, random_checkpoints, tmp_path
     assert info.active_params == info.total_params - inactive
     result = assemble(src, simple_plan(family), tmp_path / "d", progress=False)
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d")
-    assert info.default_dense_params == sum(p.numel() for p in dense.parameters()) == result.manifest["summary"]["dense_params"]
+    assert (info.default_dense_params == sum(p.numel() for p in dense.parameters())
+            == result.manifest["summary"]["dense_params"])
     assert info.default_dense_width == dense.config.intermediate_size
 
 

@@ -5,10 +5,10 @@ import json
 import shutil
 
 import pytest
+import tiny
 from click.testing import CliRunner
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import tiny
 from edgeconv.cli import main
 from edgeconv.io import safetensors_writer
 
@@ -151,7 +151,8 @@ def test_missing_shard_from_index(qwen3_dir, plan_file, tmp_path):
     d.mkdir()
     shutil.copy(qwen3_dir / "config.json", d)
     shutil.copy(_shard(qwen3_dir), d / "model-00001-of-00002.safetensors")
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                            "b": "model-00002-of-00002.safetensors"}}
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     assemble_fails(d, plan_file, tmp_path / "out", "model-00002-of-00002.safetensors", "missing")
 

@@ -3,10 +3,10 @@
 from dataclasses import fields
 
 import pytest
+import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
 from edgeconv.calibration.moe_block import CalibratedMoeBlock
 from edgeconv.calibration.stats import CalibrationStats, LayerStats
 from edgeconv.families import family_for
@@ -21,7 +21,8 @@ def moe_module(model, family, layer):
 
 
 def fresh_block(family, ckpt, layer, stride=1, gram=0):
-    st = LayerStats.zeros(layer, family.num_experts, family.hidden_size, family.read_shared_gate(ckpt, layer) is not None)
+    st = LayerStats.zeros(layer, family.num_experts, family.hidden_size,
+                          family.read_shared_gate(ckpt, layer) is not None)
     return st, CalibratedMoeBlock(family, ckpt, layer, st, stride, gram)
 
 
@@ -90,7 +91,8 @@ def test_stats_hold_what_scorers_need(calibrated):
     assert 0 < st.shared_gate_mean < 1
     assert st.gram.shape == (8, 8) and torch.allclose(st.gram, st.gram.t())
     assert torch.all(torch.linalg.eigvalsh(st.gram) > -1e-6)  # a Gram matrix is positive semi-definite
-    assert stats.data["tokens"] == 512 and stats.model["fingerprint"] == Checkpoint(calibrated["Qwen2MoeForCausalLM"][0]).fingerprint
+    assert stats.data["tokens"] == 512 and (stats.model["fingerprint"]
+                                            == Checkpoint(calibrated["Qwen2MoeForCausalLM"][0]).fingerprint)
 
 
 def test_calibrate_rerun_is_skipped(calibrated, corpus):

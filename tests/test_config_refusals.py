@@ -1,14 +1,13 @@
 """Refusals that depend on config.json alone come while planning: `build --dry-run` says them, nothing is written."""
 
 import pytest
-from click.testing import CliRunner
-
 import tiny
+from click.testing import CliRunner
+from test_bad_inputs import assert_error
+
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
 from edgeconv.export.gguf.arch import check_config
-
-from test_bad_inputs import assert_error
 
 
 def dry_run(src, tmp_path, *args):

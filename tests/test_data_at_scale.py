@@ -14,18 +14,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer
 
-import tiny
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
 from edgeconv.io import text_data as data_mod
 from edgeconv.io import token_stream as ts
 from edgeconv.io.text_data import iter_documents, token_sequences
 from edgeconv.training.packing import pack_tokens
-
 
 # --- the reference: packing as it was before the token stream ----------------------------------------------------
 

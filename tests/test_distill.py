@@ -199,7 +199,8 @@ def test_offline_cache_holds_the_teachers_topk_and_trains_the_student(pair, tmp_
     assert np.array_equal(np.load(cache_dir / "values.npy")[:4], saved)
 
     result = distill(teacher, student, corpus, out, cfg, teacher_cache=cache_dir, progress=False)
-    before, after = held_out_kl(teacher, student, ids[cfg.sequences:].long()), held_out_kl(teacher, out, ids[cfg.sequences:].long())
+    before, after = (held_out_kl(teacher, student, ids[cfg.sequences:].long()),
+                     held_out_kl(teacher, out, ids[cfg.sequences:].long()))
     assert after < 0.8 * before, (before, after)  # measured: 0.318 -> 0.231 (top-16 of 384 tokens)
     assert result.manifest["summary"]["cache_bytes_per_token"] == 68 and cache_dir.is_dir()  # a given cache is kept
 
@@ -281,7 +282,8 @@ def test_bf16_autocast_on_request_on_cpu(pair, tmp_path):
                    progress=False).manifest["summary"]
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")  # auto is fp32 on CPU
     # Autocast really ran (bf16 matmuls round to 8 bits of mantissa), and stayed close.
-    assert bf16["final_loss"] != fp32["final_loss"] and bf16["final_loss"] == pytest.approx(fp32["final_loss"], rel=2e-2)
+    assert (bf16["final_loss"] != fp32["final_loss"]
+            and bf16["final_loss"] == pytest.approx(fp32["final_loss"], rel=2e-2))
 
 
 # --- bad inputs -----------------------------------------------------------------------------------------------

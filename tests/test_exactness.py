@@ -1,10 +1,10 @@
 """The method's anchor: with uniform routing over all E experts, MoE == dense built from all E experts / E."""
 
 import pytest
+import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
 from edgeconv.families import family_for
 from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble

@@ -5,9 +5,10 @@ import json
 import gguf
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
 import tiny
+from click.testing import CliRunner
+from test_bad_inputs import assert_error
+
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import parity as parity_mod
@@ -16,8 +17,6 @@ from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
 from edgeconv.stages.export_gguf import export_gguf
-
-from test_bad_inputs import assert_error
 
 TEACHERS = tiny.ARCHS
 # llama.cpp implements YaRN only with a truncated correction range (see test_gguf_refuses_what_llama_cpp_cannot_run).
@@ -65,7 +64,9 @@ def test_f32_round_trip_loads_and_matches_torch(name, models, tmp_path):
     experts = config.get("num_experts") or config.get("num_local_experts")
     exps = [t for t in reader.tensors if t.name == "blk.0.ffn_gate_exps.weight"]
     if name in TEACHERS and name != "DeepseekV2ForCausalLM":  # its layer 0 is dense
-        assert exps and list(exps[0].shape) == [config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"], experts]
+        assert exps and list(exps[0].shape) == [config["hidden_size"],
+                                                config.get("moe_intermediate_size") or config["intermediate_size"],
+                                                experts]
     # Header keys llama.cpp would otherwise guess.
     arch = reader.fields["general.architecture"].contents()
     if arch != "deepseek2":  # MLA writes its compressed widths instead (checked by llama.cpp loading it)

@@ -7,11 +7,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
+from test_bad_inputs import assert_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import tiny
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import parity as parity_mod
@@ -20,8 +21,6 @@ from edgeconv.families import family_for
 from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble
 from edgeconv.stages.export_onnx import export_onnx, export_onnx_genai
-
-from test_bad_inputs import assert_error
 
 TEACHERS = ["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM", "GptOssForCausalLM",
             "DeepseekV2ForCausalLM"]
@@ -46,7 +45,8 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    """Dense Qwen3 / Mistral students with head_dim 16 (onnxruntime's CPU GroupQueryAttention needs a multiple of 16)."""
+    """Dense Qwen3 / Mistral students with head_dim 16 (onnxruntime's CPU GroupQueryAttention needs a multiple
+    of 16)."""
     root = tmp_path_factory.mktemp("onnx-wide")
     return {arch: _pair(root, arch, seed=5, hidden_size=64, head_dim=16)[1]
             for arch in ("Qwen3MoeForCausalLM", "MixtralForCausalLM")}
@@ -255,7 +255,8 @@ def test_bad_export_inputs(models, tmp_path):
     assert_error(run(src, "--format", "onnx", "--out", blocker / "c"), "cannot write")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "mine.txt").write_text("keep")
-    assert_error(run(src, "--format", "onnx", "--out", tmp_path / "d"), "edgeconv did not write", "choose another --out")
+    assert_error(run(src, "--format", "onnx", "--out", tmp_path / "d"), "edgeconv did not write",
+                 "choose another --out")
     assert_error(run(src, "--format", "onnx", "--execution-provider", "cuda", "--out", tmp_path / "e"),
                  "--execution-provider is for --format onnx-genai")
     assert_error(run(src, "--format", "gguf", "--precision", "fp16", "--out", tmp_path / "f.gguf"), "--quant")

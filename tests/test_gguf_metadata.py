@@ -13,8 +13,8 @@ from pathlib import Path
 
 import gguf
 import pytest
-
 import tiny
+
 from edgeconv.export.gguf import llamacpp
 from edgeconv.export.gguf.writer import plan_gguf
 from edgeconv.families import family_for

@@ -10,8 +10,14 @@ import tiny
 from click.testing import CliRunner
 
 from edgeconv.cli import main
-from edgeconv.device.host_plan import (ADAMW_BYTES_PER_PARAM, PROCESS_BYTES, Host, cache_bytes_per_token, measure,
-                                       teacher_shape)
+from edgeconv.device.host_plan import (
+    ADAMW_BYTES_PER_PARAM,
+    PROCESS_BYTES,
+    Host,
+    cache_bytes_per_token,
+    measure,
+    teacher_shape,
+)
 from edgeconv.device.memory_fit import gguf_file, tensor_shapes
 from edgeconv.errors import EdgeconvError
 from edgeconv.families import family_for

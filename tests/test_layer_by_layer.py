@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
+from test_bad_inputs import assert_error
 from transformers import AutoModelForCausalLM
 
-import tiny
 from edgeconv.cli import main
 from edgeconv.config import DistillConfig
 from edgeconv.evaluation.runtimes import TorchRuntime
@@ -27,8 +28,6 @@ from edgeconv.stages.distill import distill
 from edgeconv.training import teacher_cache as cache_mod
 from edgeconv.training.losses import teacher_topk
 from edgeconv.training.packing import pack_tokens
-
-from test_bad_inputs import assert_error
 
 # Lengths 1 to 40: a one-token prompt, lengths shared by several prompts and unique ones, and prompts longer than
 # GPT-OSS's sliding window (8), so padded batches, several chunks and both mask kinds are exercised.

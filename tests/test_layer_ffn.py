@@ -1,10 +1,10 @@
 """With a random router and a K-expert plan, each dense FFN equals the scaled sum of the kept experts."""
 
 import pytest
+import tiny
 import torch
 from transformers import AutoModelForCausalLM
 
-import tiny
 from edgeconv.families import family_for
 from edgeconv.planning.calibration_free import simple_plan
 from edgeconv.stages.assemble import assemble

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny
 from edgeconv.families import family_for
 from edgeconv.families.layouts import dequantize_mxfp4
 from edgeconv.io.checkpoint import Checkpoint

@@ -3,11 +3,12 @@
 import json
 
 import pytest
+import tiny
 import torch
 from click.testing import CliRunner
+from test_bad_inputs import assert_error
 from transformers import AutoModelForCausalLM
 
-import tiny
 from edgeconv.calibration.stats import CalibrationStats
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
@@ -15,8 +16,6 @@ from edgeconv.families.ffn import Ffn, align_to, permuted, weighted_average
 from edgeconv.planning.from_stats import stats_plan
 from edgeconv.planning.methods import GROUPINGS, SCALINGS, SCORERS
 from edgeconv.stages.assemble import assemble
-
-from test_bad_inputs import assert_error
 
 
 def run(*args):
@@ -72,7 +71,8 @@ def test_cli_plan_and_inspect_from_stats(calibrated, tmp_path):
 @pytest.mark.parametrize(
     "args, phrases",
     [
-        (("--experts", "1", "--groups", "2", "--grouping", "dominant"), ("K=1 experts cannot form 2 groups", "--experts >= --groups")),
+        (("--experts", "1", "--groups", "2", "--grouping", "dominant"),
+         ("K=1 experts cannot form 2 groups", "--experts >= --groups")),
         (("--experts", "4", "--groups", "2"), ("grouping 'none'", "K=4 must equal the group count 2")),
         (("--experts", "9"), ("K=9", "only 8")),
         (("--scoring", "do_acp"), ("unknown scoring method 'do_acp'", "did you mean 'do-acp'", "acp, cp, do-acp, ean")),
@@ -101,7 +101,8 @@ def test_bad_calibration_data(calibrated, tmp_path):
     src = calibrated["Qwen3MoeForCausalLM"][0]
 
     def cal(data, *extra):
-        return run("calibrate", src, "--data", data, "--seq-len", "32", "--out", tmp_path / "s", "--no-progress", *extra)
+        return run("calibrate", src, "--data", data, "--seq-len", "32", "--out", tmp_path / "s", "--no-progress",
+                   *extra)
 
     (tmp_path / "empty.txt").write_text("")
     assert_error(cal(tmp_path / "empty.txt", "--tokens", "256"), "gives only 0 tokens", "add text")
@@ -118,7 +119,8 @@ def test_bad_calibration_data(calibrated, tmp_path):
 
 def test_convert_runs_resumes_and_validates_first(calibrated, corpus, tmp_path):
     src = calibrated["Qwen3MoeForCausalLM"][0]
-    args = ("convert", src, "--data", corpus, "--tokens", "512", "--seq-len", "32", "--out", tmp_path / "d", "--no-progress")
+    args = ("convert", src, "--data", corpus, "--tokens", "512", "--seq-len", "32", "--out", tmp_path / "d",
+            "--no-progress")
     result = run(*args)
     assert result.exit_code == 0, result.output
     assert "Qwen3ForCausalLM" in result.stderr

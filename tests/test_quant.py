@@ -10,6 +10,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_bad_inputs import assert_error
 
 from edgeconv.cli import _export_quant, main
 from edgeconv.device import runner
@@ -18,8 +19,6 @@ from edgeconv.device.profiles import get_target, load_profile
 from edgeconv.errors import EdgeconvError
 from edgeconv.export import parity
 from edgeconv.quant import FORMATS, TABLE, default_quant, get_quant, quant_names, quants
-
-from test_bad_inputs import assert_error
 
 # Mixtral-8x7B's config.json: the plan reads the config alone, and this one does not fit a 5 GB Jetson.
 MIXTRAL_8X7B = {

@@ -51,8 +51,9 @@ def dense_source(tmp_path_factory):
 def study(qwen3_dir, corpus, small_eval, dense_source, tmp_path_factory):
     tiny.add_tokenizer(qwen3_dir)
     out = tmp_path_factory.mktemp("study")
-    kw = {"data": corpus, "calibration_tokens": 512, "seq_len": 32, "scorings": "do-acp,frequency", "groupings": "none,random",
-              "scalings": "cp", "ks": "2,4", "eval_data": small_eval, "eval_options": EVAL, "final_eval_options": FINAL_EVAL,
+    kw = {"data": corpus, "calibration_tokens": 512, "seq_len": 32, "scorings": "do-acp,frequency",
+              "groupings": "none,random", "scalings": "cp", "ks": "2,4", "eval_data": small_eval, "eval_options": EVAL,
+              "final_eval_options": FINAL_EVAL,
               "jobs": 1, "distill_tokens": 64, "top": 1, "distill_data": corpus,
               "distill_options": {"seq_len": 16, "batch_size": 2, "checkpoint_every": 1}, "dense": dense_source,
               "progress": False}

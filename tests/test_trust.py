@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny
 from click.testing import CliRunner
 
-import tiny
 from edgeconv.cli import main
 
 FAST = ("--tokens", "512", "--seq-len", "32", "--no-progress")
@@ -189,8 +189,8 @@ def test_a_second_run_into_the_same_out_waits_or_refuses(models, tmp_path):
     out = tmp_path / "dense"
     holder = hold_lock(out, 60)
     try:
-        line = assert_error(run("assemble", models / "moe", "--plan", models / "plan.json", "--out", out,
-                                "--no-wait"), f"(pid {holder.pid}) is writing", "--no-wait")
+        assert_error(run("assemble", models / "moe", "--plan", models / "plan.json", "--out", out,
+                         "--no-wait"), f"(pid {holder.pid}) is writing", "--no-wait")
         assert not out.exists()
     finally:
         holder.kill()

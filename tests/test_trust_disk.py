@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
 import tiny
+from click.testing import CliRunner
+from test_bad_inputs import assert_error
+
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
-
-from test_bad_inputs import assert_error
 
 SPACE_LINE = re.compile(r"not enough disk space in (\S+) for .*needs ([\d,]+) bytes .*, ([\d,]+) bytes .* are free")
 

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -130,7 +129,8 @@ def test_any_pickle_like_file_is_refused_before_anything_is_read(tmp_path, plant
     marker = tmp_path / "MARKER"
     plant(ckpt / planted, marker)
     (ckpt / train_state.STATE).write_text("not json")  # read only after the check
-    with pytest.raises(EdgeconvError, match=rf"holds {re.escape(planted)}, a pickle file.*delete .*checkpoints or pass --force"):
+    with pytest.raises(EdgeconvError,
+                       match=rf"holds {re.escape(planted)}, a pickle file.*delete .*checkpoints or pass --force"):
         train_state.load(None, ckpt, "key", model=None, optimizer=None, scheduler=None)
     assert not marker.exists()
 

@@ -9,11 +9,10 @@ import random
 import shutil
 
 import pytest
-import torch
+import tiny
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import tiny
 from edgeconv.cli import main
 from edgeconv.errors import EdgeconvError
 from edgeconv.io import text_data as data_mod

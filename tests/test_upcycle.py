@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny
 import torch
 import transformers as tf
 from transformers import AutoModelForCausalLM
 
-import tiny
 from edgeconv.dense2moe.redundancy import Run, measure, parse_runs, select_runs
 from edgeconv.errors import EdgeconvError
 from edgeconv.stages.upcycle import upcycle

@@ -42,7 +42,8 @@ def tiny_config(arch: str, top_k: int = 2):
         return tf.OlmoeConfig(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=16, num_experts=E,
                               num_experts_per_tok=top_k)
     if arch == "DeepseekV2ForCausalLM":
-        return tf.DeepseekV2Config(**{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16,
+        return tf.DeepseekV2Config(**{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=48,
+                                   moe_intermediate_size=16,
                                    n_routed_experts=E, n_shared_experts=2, num_experts_per_tok=top_k,
                                    first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16,
                                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, head_dim=4,

@@ -57,9 +57,8 @@ def cached_eval(label: str, path: Path, cache: Path) -> EvalReport:
 def routing(work: Path) -> dict:
     """Per layer and expert, the share of held-out tokens routed to it (each token picks top-k experts), over
     Shakespeare, Python docs and skills."""
-    from edgeconv.stages.calibrate import calibrate
-
     from edgeconv.evaluation.eval_data import EvalData, held_out_mix
+    from edgeconv.stages.calibrate import calibrate
 
     docs = held_out_mix(EvalData.load(EVAL_DATA))
     text = work / "routing-data.jsonl"

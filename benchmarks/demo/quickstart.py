@@ -50,7 +50,8 @@ def build_teacher(path: Path, corpus: Path, uniform: bool) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([json.loads(line)["text"] for line in corpus.read_text().splitlines()], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(path)
 
@@ -82,7 +83,8 @@ def main() -> None:
     uniform, exact = work / "uniform-teacher", work / "uniform-dense"
     build_teacher(uniform, corpus, uniform=True)
     edgeconv("plan", str(uniform), "--experts", "first:8", "--scaling", "uniform", "--out", str(work / "all.json"))
-    edgeconv("assemble", str(uniform), "--plan", str(work / "all.json"), "--out", str(exact), "--force", "--no-progress")
+    edgeconv("assemble", str(uniform), "--plan", str(work / "all.json"), "--out", str(exact), "--force",
+             "--no-progress")
     moe = AutoModelForCausalLM.from_pretrained(uniform, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(exact, dtype=torch.float32).eval()
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))

@@ -238,10 +238,12 @@ def skill_exact(model, per_skill: int = 50) -> dict[str, float]:
 @torch.no_grad()
 def expert_shares(model, data: dict[str, torch.Tensor]) -> list[float]:
     """Per layer, the smallest share of valid tokens routed to one expert (text corpora only)."""
-    x = torch.cat([torch.stack([s[i * SEQ:(i + 1) * SEQ] for i in range(16)]) for n, s in data.items() if n != "skills"])
+    x = torch.cat([torch.stack([s[i * SEQ:(i + 1) * SEQ] for i in range(16)])
+                   for n, s in data.items() if n != "skills"])
     out = model(input_ids=x, output_router_logits=True)
     k = model.config.num_experts_per_tok
-    return [round(float(torch.nn.functional.one_hot(r.topk(k, -1).indices, r.shape[-1]).sum(1).float().mean(0).min()), 4)
+    return [round(float(torch.nn.functional.one_hot(r.topk(k, -1).indices, r.shape[-1])
+                        .sum(1).float().mean(0).min()), 4)
             for r in out.router_logits]
 
 

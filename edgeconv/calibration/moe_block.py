@@ -46,7 +46,7 @@ class RoutedMoeBlock:
         self.routed_scale = family.routed_scale()
         self.device: torch.device | None = None  # set by materialize
 
-    def materialize(self, device: torch.device | str = "cpu") -> "RoutedMoeBlock":
+    def materialize(self, device: torch.device | str = "cpu") -> RoutedMoeBlock:
         """Cast every tensor to the compute dtype on `device` (one expert at a time: the stored copy of each is
         released as its cast copy is made, so the transient is one expert, not a layer)."""
         device = torch.device(device)

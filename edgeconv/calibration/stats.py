@@ -51,7 +51,7 @@ class LayerStats:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def zeros(cls, layer: int, num_experts: int, hidden: int, has_shared_gate: bool = False) -> "LayerStats":
+    def zeros(cls, layer: int, num_experts: int, hidden: int, has_shared_gate: bool = False) -> LayerStats:
         vec = lambda: torch.zeros(num_experts, dtype=torch.float64)  # noqa: E731
         return cls(
             layer,
@@ -165,7 +165,8 @@ class CalibrationStats:
                 value = getattr(st, f.name)
                 if isinstance(value, torch.Tensor):
                     tensors[f"layers.{i}.{f.name}"] = value.contiguous()
-            scalars[str(i)] = {"gram_tokens": st.gram_tokens, "tokens": st.tokens, "shared_gate_sum": st.shared_gate_sum}
+            scalars[str(i)] = {"gram_tokens": st.gram_tokens, "tokens": st.tokens,
+                               "shared_gate_sum": st.shared_gate_sum}
         save_file(tensors, directory / STATS_FILE, metadata={"format": "edgeconv-stats"})
         summary = {
             "format": "edgeconv-stats",
@@ -178,7 +179,7 @@ class CalibrationStats:
         (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path) -> "CalibrationStats":
+    def load(cls, directory: Path) -> CalibrationStats:
         directory = Path(directory)
         if not (directory / SUMMARY_FILE).is_file() or not (directory / STATS_FILE).is_file():
             raise EdgeconvError(
@@ -190,6 +191,7 @@ class CalibrationStats:
         layers = {}
         for key, scalars in summary["scalars"].items():
             i = int(key)
-            parts = {f.name: tensors[f"layers.{i}.{f.name}"] for f in fields(LayerStats) if f"layers.{i}.{f.name}" in tensors}
+            parts = {f.name: tensors[f"layers.{i}.{f.name}"] for f in fields(LayerStats)
+                     if f"layers.{i}.{f.name}" in tensors}
             layers[i] = LayerStats(layer=i, **parts, **scalars)
         return cls(summary["model"], summary["data"], layers)

@@ -77,7 +77,7 @@ class Host:
     gpu_memory: int = 0
 
     @classmethod
-    def detect(cls) -> "Host":
+    def detect(cls) -> Host:
         import torch
 
         total, available = _ram()
@@ -623,7 +623,8 @@ def _memory_problem(s: HostStage, limit: int, host: Host, student_params: int, d
     problem = f"{s.name} needs about {gb(s.memory)} on {s.device} ({s.memory_how}); this host has {gb(limit)} of {what}"
     if s.name == "distill" and distill.get("mode") == "online":
         hint = ("pass --distill-mode offline (the teacher's top-k log-probs are cached first, layer by layer when it "
-                f"does not fit, then the student trains alone: {gb(ADAMW_BYTES_PER_PARAM * student_params)} for it and its AdamW states), "
+                f"does not fit, then the student trains alone: {gb(ADAMW_BYTES_PER_PARAM * student_params)} "
+                "for it and its AdamW states), "
                 "or --distill-tokens 0 to skip distillation")
     elif s.name == "distill":
         states = gb(ADAMW_BYTES_PER_PARAM * student_params)

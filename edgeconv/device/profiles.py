@@ -8,11 +8,11 @@ same fields, so a new device needs no code.
 from __future__ import annotations
 
 import os
+import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgeconv.errors import EdgeconvError
@@ -39,7 +39,8 @@ class TargetProfile(BaseModel):
     usable_memory_gb: float = Field(gt=0, description="memory one app can use: the budget the plan must fit")
     bandwidth_gb_s: float = Field(gt=0, description="memory bandwidth; bounds decode speed")
     accelerator: Literal["cpu", "cuda", "metal"]
-    formats: list[Literal["gguf", "onnx-genai"]] = Field(min_length=1, description="supported; the first is the default")
+    formats: list[Literal["gguf", "onnx-genai"]] = Field(min_length=1,
+                                                         description="supported; the first is the default")
     # The field names stay `quant` and `onnx_precision` (the CLI spells both --quant): renaming them would break
     # users' own profiles. Both are validated against edgeconv.quant's table.
     quant: str = Field(description="default GGUF quantization")

@@ -147,7 +147,8 @@ class ReferenceOptions(ForwardOptions):
         self.resolve()
 
 
-_REFERENCE: ContextVar[ReferenceOptions] = ContextVar("edgeconv_parity_reference", default=ReferenceOptions())
+# None (not a shared mutable default): read as ReferenceOptions() in torch_logits
+_REFERENCE: ContextVar[ReferenceOptions | None] = ContextVar("edgeconv_parity_reference", default=None)
 
 
 @contextmanager
@@ -167,7 +168,7 @@ def torch_logits(model_dir, token_ids: list[list[int]]) -> list[np.ndarray]:
     from edgeconv.forward.layer_by_layer import ONE_PASS_ABOVE, LayerByLayerModel, use_layer_by_layer
     from edgeconv.io.checkpoint import Checkpoint
 
-    opts = _REFERENCE.get()
+    opts = _REFERENCE.get() or ReferenceOptions()
     device, dtype = opts.resolve()
     ckpt = Checkpoint.open(model_dir)
     try:

@@ -14,7 +14,7 @@ import torch
 
 from edgeconv.errors import EdgeconvError
 from edgeconv.families.ffn import Ffn
-from edgeconv.families.layouts import PerExpert, FusedGateUp, PlainMlp
+from edgeconv.families.layouts import FusedGateUp, PerExpert, PlainMlp
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.registry import Registry
 
@@ -120,7 +120,7 @@ class MoEFamily:
                 return layout
         raise EdgeconvError(
             f"layer {layer} of {ckpt.path} has no expert tensors in any {self.moe_architecture} layout "
-            f"({', '.join(type(l).__name__ for l in self.layouts)})",
+            f"({', '.join(type(layout).__name__ for layout in self.layouts)})",
             "the checkpoint is incomplete or was saved by an unsupported tool",
         )
 

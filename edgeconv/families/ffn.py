@@ -30,16 +30,16 @@ class Ffn:
     def has_bias(self) -> bool:
         return self.gate_bias is not None
 
-    def float(self) -> "Ffn":
+    def float(self) -> Ffn:
         return self.to(torch.float32)
 
-    def to(self, dtype: torch.dtype) -> "Ffn":
+    def to(self, dtype: torch.dtype) -> Ffn:
         return Ffn(*(t.to(dtype) if t is not None else None for t in self._parts()))
 
     def _parts(self):
         return (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)
 
-    def scaled(self, scale: float) -> "Ffn":
+    def scaled(self, scale: float) -> Ffn:
         """Multiply the block's output by `scale` (down projection and its bias)."""
         bias = self.down_bias * scale if self.down_bias is not None else None
         return Ffn(self.gate, self.up, self.down * scale, self.gate_bias, self.up_bias, bias)

@@ -33,7 +33,8 @@ class PerExpert:
         return ckpt.has(self._name(prefix, 0, self.gate))
 
     def num_experts(self, ckpt: Checkpoint, prefix: str) -> int:
-        pattern = re.compile(re.escape(f"{prefix}.{self.block}.experts.") + r"(\d+)\." + re.escape(self.gate) + r"\.weight$")
+        pattern = re.compile(re.escape(f"{prefix}.{self.block}.experts.") + r"(\d+)\." + re.escape(self.gate)
+                             + r"\.weight$")
         ids = {int(m.group(1)) for name in ckpt.names() if (m := pattern.match(name))}
         return max(ids) + 1 if ids else 0
 
@@ -49,7 +50,8 @@ class PerExpert:
 
 @dataclass(frozen=True)
 class FusedGateUp:
-    """transformers 5.x: ``experts.gate_up_proj`` [E, 2I, H] (gate rows, then up rows), ``experts.down_proj`` [E, H, I]."""
+    """transformers 5.x: ``experts.gate_up_proj`` [E, 2I, H] (gate rows, then up rows),
+    ``experts.down_proj`` [E, H, I]."""
 
     block: str = "mlp"
 

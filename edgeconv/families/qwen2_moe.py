@@ -8,8 +8,8 @@ Qwen2 dense always has q/k/v biases; if the MoE was trained without them they ar
 """
 
 from edgeconv.families.base import register
-from edgeconv.families.qwen3_moe import Qwen3Moe
 from edgeconv.families.layouts import PlainMlp
+from edgeconv.families.qwen3_moe import Qwen3Moe
 from edgeconv.io.checkpoint import Checkpoint
 
 

@@ -26,9 +26,9 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -166,7 +166,7 @@ class ActivationStore:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 
-    def __enter__(self) -> "ActivationStore":
+    def __enter__(self) -> ActivationStore:
         return self
 
     def __exit__(self, *exc) -> None:

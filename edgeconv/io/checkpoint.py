@@ -42,7 +42,8 @@ def resolve_model_path(model: str | Path) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise EdgeconvError(f"{path} is a file, not a checkpoint directory", "pass the directory holding config.json")
+            raise EdgeconvError(f"{path} is a file, not a checkpoint directory",
+                                "pass the directory holding config.json")
         return path.absolute()
     if HUB_ID.match(str(model)) and not str(model).startswith((".", "/")):
         try:
@@ -102,7 +103,7 @@ class Checkpoint:
                 self._where[name] = shard
 
     @classmethod
-    def open(cls, model: str | Path) -> "Checkpoint":
+    def open(cls, model: str | Path) -> Checkpoint:
         return cls(resolve_model_path(model))
 
     def _shard_paths(self) -> list[Path]:
@@ -138,7 +139,8 @@ class Checkpoint:
         try:
             return self._where[name].tensors[name]
         except KeyError:
-            raise EdgeconvError(f"tensor {name} is missing from {self.path}", "the checkpoint is incomplete or of another layout")
+            raise EdgeconvError(f"tensor {name} is missing from {self.path}",
+                                "the checkpoint is incomplete or of another layout")
 
     def read(self, name: str, index: int | None = None) -> torch.Tensor:
         self.info(name)

@@ -12,9 +12,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
@@ -56,7 +56,8 @@ def check_can_write(out: Path, force: bool, key: str | None = None) -> None:
     if force or (key is not None and manifest.get("key") == key):
         return
     raise EdgeconvError(
-        f"output directory {out} holds another edgeconv {manifest.get('stage', '')} output (different inputs or options)",
+        f"output directory {out} holds another edgeconv {manifest.get('stage', '')} output "
+        "(different inputs or options)",
         "choose another --out, or pass --force to replace it",
     )
 
@@ -213,7 +214,8 @@ def new_manifest(stage: str, key: str, inputs: dict, options: dict, files: dict,
     }
 
 
-def write_manifest(directory: Path, stage: str, key: str, inputs: dict, options: dict, files: dict, summary: dict) -> dict:
+def write_manifest(directory: Path, stage: str, key: str, inputs: dict, options: dict, files: dict,
+                   summary: dict) -> dict:
     manifest = new_manifest(stage, key, inputs, options, files, summary)
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

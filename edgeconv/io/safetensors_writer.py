@@ -100,7 +100,8 @@ class ShardedWriter:
         shard_index, spec = self._queue[self._pos]
         if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise RuntimeError(
-                f"writer expected {spec.name} {spec.shape} {spec.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+                f"writer expected {spec.name} {spec.shape} {spec.dtype}, "
+                f"got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
         if shard_index != self._open_index:
             self._open(shard_index)

@@ -17,8 +17,8 @@ UTF-8 (binary data stored as strings) is refused, as the text guard refuses bina
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from edgeconv.errors import EdgeconvError
 

@@ -197,8 +197,8 @@ def build(plan: BuildPlan, *, data: Path | None = None, distill_data: Path | Non
           progress: bool = True) -> BuildResult:
     from edgeconv.demo import DISTILL_DATA, is_demo
     from edgeconv.pipelines.convert import check_convert
-    from edgeconv.stages.stage import run_pipeline
     from edgeconv.stages.bench import bench_results
+    from edgeconv.stages.stage import run_pipeline
 
     t0 = time.time()
     if plan.distill_tokens and distill_data is None:
@@ -256,7 +256,8 @@ def headline(result: BuildResult) -> str:
         ppl = ", ".join(f"{k} {v:.1f}" for k, v in (acc.get("perplexity") or {}).items())
         lines += [
             f"  here       RSS after load {r.get('rss_after_load_mb') or 0:.0f} MB (peak "
-            f"{r.get('peak_rss_with_scoring_mb') or r['peak_rss_mb'] or 0:.0f} MB with the accuracy run), load {r['load_s']:.2f} s, decode "
+            f"{r.get('peak_rss_with_scoring_mb') or r['peak_rss_mb'] or 0:.0f} MB with the accuracy run), "
+            f"load {r['load_s']:.2f} s, decode "
             f"{r['decode_tok_s'] or 0:.0f} tok/s, {r['runtime']['threads']} threads",
             f"  accuracy   perplexity {ppl}; exact match {acc.get('exact_match_mean', 0):.1%}, "
             f"multiple choice {acc.get('choice_acc', 0):.1%} (bench.py --quick)",

@@ -20,9 +20,9 @@ from edgeconv.io.text_data import check_data, check_seq_len
 from edgeconv.planning.calibration_free import model_ref
 from edgeconv.planning.from_stats import check_plan_args
 from edgeconv.stages.assemble import AssembleStage
-from edgeconv.stages.stage import Stage, StageResult, run_pipeline
 from edgeconv.stages.calibrate import CalibrateStage
 from edgeconv.stages.select import PlanStage
+from edgeconv.stages.stage import Stage, StageResult, run_pipeline
 
 logger = logging.getLogger(__name__)
 

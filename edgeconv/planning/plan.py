@@ -8,9 +8,9 @@ plus the shared expert (if the family has one). A group's block is the parameter
 (gate, up and down averaged with `weights`, which sum to 1), with its output multiplied by `scale`.
 Before averaging, with `alignment: weight-matching` (the default), each expert's neurons are permuted to
 best match the group's first (most frequent) expert, since neuron i of two experts need not compute
-anything alike (see `families.ffn.align_to`); experts wider than `MAX_ALIGN_WIDTH` are averaged as stored. The family adapter multiplies
-in constants the router itself applies (DeepSeek's routed_scaling_factor); `shared_scale` replaces a
-shared expert's gate (Qwen2-MoE) with a constant, null meaning the family default.
+anything alike (see `families.ffn.align_to`); experts wider than `MAX_ALIGN_WIDTH` are averaged as stored.
+The family adapter multiplies in constants the router itself applies (DeepSeek's routed_scaling_factor);
+`shared_scale` replaces a shared expert's gate (Qwen2-MoE) with a constant, null meaning the family default.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Group(_Strict):
     scale: StrictFloat
 
     @model_validator(mode="after")
-    def _check(self) -> "Group":
+    def _check(self) -> Group:
         if len(self.weights) != len(self.experts):
             raise ValueError(f"group {self.experts} has {len(self.weights)} weights for {len(self.experts)} experts")
         if not all(math.isfinite(w) for w in self.weights):
@@ -76,7 +76,7 @@ class LayerPlan(_Strict):
     scores: dict[str, list[float]] | None = Field(default=None, description="per-expert scores, if a scorer ran")
 
     @model_validator(mode="after")
-    def _check(self) -> "LayerPlan":
+    def _check(self) -> LayerPlan:
         _check_scale(self.shared_scale, f"layer {self.layer}: shared_scale")
         return self
 
@@ -123,16 +123,18 @@ class Plan(_Strict):
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "Plan":
+    def load(cls, path: Path) -> Plan:
         path = Path(path)
         if not path.is_file():
-            raise EdgeconvError(f"plan file {path} does not exist", "make one with `edgeconv plan MODEL --out plan.json`")
+            raise EdgeconvError(f"plan file {path} does not exist",
+                                "make one with `edgeconv plan MODEL --out plan.json`")
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise EdgeconvError(f"plan {path} is not valid JSON ({exc})", "make it again with `edgeconv plan`")
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise EdgeconvError(f"{path} is not an edgeconv plan", "make one with `edgeconv plan MODEL --out plan.json`")
+            raise EdgeconvError(f"{path} is not an edgeconv plan",
+                                "make one with `edgeconv plan MODEL --out plan.json`")
         if data.get("version") != PLAN_VERSION:
             raise EdgeconvError(
                 f"plan {path} has version {data.get('version')}, this edgeconv reads version {PLAN_VERSION}",
@@ -159,7 +161,8 @@ def check_plan_fits(plan: Plan, family, where: str = "the model", fingerprint: s
     """Fail at once when a plan was made for another model or names experts the model lacks."""
     ref, arch = plan.model, family.moe_architecture
     if ref.architecture != arch:
-        raise EdgeconvError(f"the plan was made for a {ref.architecture}, {where} is a {arch}", "make a plan for this model")
+        raise EdgeconvError(f"the plan was made for a {ref.architecture}, {where} is a {arch}",
+                            "make a plan for this model")
     if ref.num_layers != family.num_layers or sorted(lp.layer for lp in plan.layers) != family.moe_layers():
         raise EdgeconvError(
             f"the plan covers MoE layers {[lp.layer for lp in plan.layers]} of a {ref.num_layers}-layer model, "
@@ -173,7 +176,8 @@ def check_plan_fits(plan: Plan, family, where: str = "the model", fingerprint: s
         )
     if ref.fingerprint and fingerprint and ref.fingerprint != fingerprint:
         raise EdgeconvError(
-            f"the plan was made for the checkpoint at {ref.path} (from its calibration statistics), {where} is a different one",
+            f"the plan was made for the checkpoint at {ref.path} (from its calibration statistics), "
+            f"{where} is a different one",
             "make the plan from this model's own statistics (`edgeconv calibrate` it first)",
         )
     for lp in plan.layers:

@@ -22,7 +22,8 @@ class BenchStage(StageBase):
     optional = True
 
     def __init__(self, out: Path, *, bundle: Path, label: str, target: str, threads: int | None = None):
-        self.out, self.bundle, self.run_label, self.target, self.threads = Path(out), Path(bundle), label, target, threads
+        self.out, self.bundle, self.run_label = Path(out), Path(bundle), label
+        self.target, self.threads = target, threads
 
     def describe(self) -> str:
         return "bench.py --quick here, on this machine"

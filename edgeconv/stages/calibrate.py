@@ -49,7 +49,8 @@ class CalibrateStage(StageBase):
                  device: str = "auto", max_activation_bytes: int = 4 * 1024**3, progress: bool = True):
         self.model, self.data, self.out = model, data, Path(out)
         self.tokens, self.seq_len, self.batch_size, self.gram_tokens = tokens, seq_len, batch_size, gram_tokens
-        self.dtype, self.device, self.max_activation_bytes, self.progress = dtype, device, max_activation_bytes, progress
+        self.dtype, self.device = dtype, device
+        self.max_activation_bytes, self.progress = max_activation_bytes, progress
 
     def describe(self) -> str:
         return f"{self.tokens:,} tokens through the teacher, one layer at a time: per-expert statistics"

@@ -35,16 +35,22 @@ import torch
 
 from edgeconv.config import DistillConfig
 from edgeconv.errors import EdgeconvError
-from edgeconv.forward.layer_by_layer import (ALLOWANCE, ForwardOptions, LayerByLayerModel, resolve_device,
-                                             resolve_dtype, use_layer_by_layer)
+from edgeconv.forward.layer_by_layer import (
+    ALLOWANCE,
+    ForwardOptions,
+    LayerByLayerModel,
+    resolve_device,
+    resolve_dtype,
+    use_layer_by_layer,
+)
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import check_not_an_input, guarded, work_dir
 from edgeconv.io.output_dir import stage_key
 from edgeconv.progress import token_progress
 from edgeconv.reporting.model_card import write_checkpoint_card
 from edgeconv.stages.stage import Identity, StageBase, StageResult, run_stage
-from edgeconv.training import teacher_cache as cache_mod
 from edgeconv.training import metrics, train_state
+from edgeconv.training import teacher_cache as cache_mod
 from edgeconv.training.models import (
     check_pair,
     check_same_tokenizer,

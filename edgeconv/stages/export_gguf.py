@@ -21,10 +21,17 @@ from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export.gguf import llamacpp
 from edgeconv.export.gguf.arch import gguf_arch_for
-from edgeconv.export.gguf.writer import (check_free_space, disk_nearly_full, is_disk_full, not_enough_space,
-                                         plan_gguf)
-from edgeconv.export.parity import (PROMPTS, Parity, ReferenceOptions, compare, gate, prompt_ids, reference_options,
-                                   torch_logits)
+from edgeconv.export.gguf.writer import check_free_space, disk_nearly_full, is_disk_full, not_enough_space, plan_gguf
+from edgeconv.export.parity import (
+    PROMPTS,
+    Parity,
+    ReferenceOptions,
+    compare,
+    gate,
+    prompt_ids,
+    reference_options,
+    torch_logits,
+)
 from edgeconv.families.base import routed_experts
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
@@ -52,7 +59,8 @@ def _check_out(out: Path, force: bool) -> None:
         raise EdgeconvError(f"{out} exists", "choose another --out or pass --force to replace it")
     if out.exists() and not _written_by_edgeconv(out):
         raise EdgeconvError(f"{out} exists and edgeconv did not write it (no {out.stem}.parity.json beside it)",
-                            "choose another --out, or remove the file yourself: --force replaces only edgeconv's exports")
+                            "choose another --out, or remove the file yourself: "
+                            "--force replaces only edgeconv's exports")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out.parent, prefix=".edgeconv-probe-")
@@ -67,7 +75,8 @@ def _written_by_edgeconv(out: Path) -> bool:
         report = json.loads(out.with_suffix(".parity.json").read_text())
     except (OSError, ValueError):
         return False
-    return out.is_file() and isinstance(report, dict) and "edgeconv_version" in report and report.get("artifact") == out.name
+    return (out.is_file() and isinstance(report, dict) and "edgeconv_version" in report
+            and report.get("artifact") == out.name)
 
 
 @guarded("out", "model", "imatrix_data")
@@ -147,7 +156,8 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             "imatrix": info.get("imatrix"),
             **parity.as_dict(),
         }
-        gate(parity, report, stem.parent / f"{stem.name}.parity-failed.json", f"GGUF {quant} export of {ckpt.path.name}")
+        gate(parity, report, stem.parent / f"{stem.name}.parity-failed.json",
+             f"GGUF {quant} export of {ckpt.path.name}")
         report["sha256"] = sha256_file(staged)
         (tmp / f"{stem.name}.parity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / f"{stem.name}.Modelfile").write_text(_modelfile(out.name))

@@ -20,13 +20,28 @@ from pathlib import Path
 from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export.onnx import exporter as ox
-from edgeconv.export.parity import (PROMPTS, Parity, ReferenceOptions, compare, gate, prompt_ids, reference_options,
-                                   torch_logits)
+from edgeconv.export.parity import (
+    PROMPTS,
+    Parity,
+    ReferenceOptions,
+    compare,
+    gate,
+    prompt_ids,
+    reference_options,
+    torch_logits,
+)
 from edgeconv.families.base import routed_experts
 from edgeconv.io.checkpoint import Checkpoint
 from edgeconv.io.guard import guarded
-from edgeconv.io.output_dir import (atomic_output_dir, check_can_write, remove_stale_temps, sha256_file,
-                                   stage_key, temp_path, write_manifest)
+from edgeconv.io.output_dir import (
+    atomic_output_dir,
+    check_can_write,
+    remove_stale_temps,
+    sha256_file,
+    stage_key,
+    temp_path,
+    write_manifest,
+)
 from edgeconv.quant import get_quant
 
 
@@ -40,7 +55,8 @@ class OnnxExport:
 
 def _check_out(out: Path, force: bool) -> None:
     if out.suffix == ".onnx":
-        raise EdgeconvError(f"--out {out} should be a directory", "ONNX exports are directories, e.g. --out model-onnx/")
+        raise EdgeconvError(f"--out {out} should be a directory",
+                            "ONNX exports are directories, e.g. --out model-onnx/")
     try:
         parent = out.parent
         parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +86,8 @@ def _publish(ckpt: Checkpoint, out: Path, tmp: Path, kind: str, stage: str, prec
         **extra,
         **parity.as_dict(),
     }
-    gate(parity, report, out.parent / f"{out.name}.parity-failed.json", f"{kind} {precision} export of {ckpt.path.name}")
+    gate(parity, report, out.parent / f"{out.name}.parity-failed.json",
+         f"{kind} {precision} export of {ckpt.path.name}")
     (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
     entries = {name: {"bytes": size, "sha256": sha256_file(tmp / name)} for name, size in _sizes(tmp).items()}
     options = {"precision": precision, **{k: v for k, v in extra.items() if k == "execution_provider"}}
@@ -108,7 +125,8 @@ def export_onnx(model: str | Path, out: str | Path, precision: str = "fp32", *, 
             conversion = ox.convert_precision(tmp / "model.onnx", precision)
             seconds = time.time() - t0
             ids, reference = _reference(ckpt.path, prompts, reference)
-            parity = compare(f"onnx:{precision}", reference, ox.onnx_logits(tmp / "model.onnx", ids), ids, routed=routed)
+            parity = compare(f"onnx:{precision}", reference, ox.onnx_logits(tmp / "model.onnx", ids), ids,
+                             routed=routed)
             extra = {"exporter": "optimum-onnx", "task": "text-generation-with-past",
                      "model_type": ox.model_type_of(ckpt.config), "routed": routed, "conversion": conversion,
                      "export_seconds": round(seconds, 2)}

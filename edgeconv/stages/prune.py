@@ -39,7 +39,8 @@ class PruneStage(StageBase):
                  ffn_width: int | None = None, params: int | None = None, kv_heads: int | None = None,
                  tokens: int = 16384, seq_len: int = 512):
         self.dense, self.out, self.data = dense, Path(out), data
-        self.ffn_width, self.params, self.kv_heads, self.tokens, self.seq_len = ffn_width, params, kv_heads, tokens, seq_len
+        self.ffn_width, self.params, self.kv_heads = ffn_width, params, kv_heads
+        self.tokens, self.seq_len = tokens, seq_len
 
     def describe(self) -> str:
         size = f"{self.ffn_width} FFN channels" if self.ffn_width else f"at most {self.params:,} parameters"

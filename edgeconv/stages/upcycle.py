@@ -46,7 +46,8 @@ class UpcycleStage(StageBase):
                  top_k: int = 1, split: int = 1, data: str | Path | None = None, tokens: int = 16384,
                  seq_len: int = 512, seed: int = 0):
         self.dense, self.out, self.runs, self.threshold = dense, Path(out), runs, threshold
-        self.top_k, self.split, self.data, self.tokens, self.seq_len, self.seed = top_k, split, data, tokens, seq_len, seed
+        self.top_k, self.split, self.data = top_k, split, data
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
 
     def describe(self) -> str:
         runs = f"runs {self.runs}" if self.runs != "auto" else f"runs of layers at similarity >= {self.threshold}"
@@ -165,7 +166,8 @@ def _plan(ckpt: Checkpoint, figures: dict, runs: list[Run], threshold: float | N
                   "mlp_input_similarity": [figures["mlp_input_similarity"][a] for a in r.absorbed]} for r in runs],
         "removed_attention_layers": [a for r in runs for a in r.absorbed],
         "layer_map": [{"layer": k, "source_layer": s, "kind": "dense" if k < config.first_k_dense_replace
-                       else ("fused" if run else "moe-holder (zero experts, pinned)")} for k, (s, run) in enumerate(kept)],
+                       else ("fused" if run else "moe-holder (zero experts, pinned)")}
+                      for k, (s, run) in enumerate(kept)],
         "source_layers": n_layers,
         "layers": len(kept),
         "routed_experts": config.n_routed_experts,

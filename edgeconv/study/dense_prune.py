@@ -116,7 +116,7 @@ def pruned_state(model, imp: dict, ffn_width: int, kv_heads: int) -> tuple[dict,
     group = heads // kv
     state = {k: v.clone() for k, v in model.state_dict().items()}
     kept = {}
-    for i, layer in enumerate(model.model.layers):
+    for i, _layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."
         ch = keep_top(imp[i]["channels"], ffn_width)
         group_score = imp[i]["heads"].reshape(kv, group).sum(-1)

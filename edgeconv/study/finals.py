@@ -20,7 +20,8 @@ ROWS = "final.jsonl"
 
 def choose_finalists(rows: list[dict], top: int) -> list[dict]:
     """The paper's default (if in the grid), then the `top` best distinct variants by perplexity."""
-    distinct = sorted((r for r in rows if r.get("same_as") is None and r.get("ppl")), key=lambda r: (r["ppl"], r["name"]))
+    distinct = sorted((r for r in rows if r.get("same_as") is None and r.get("ppl")),
+                      key=lambda r: (r["ppl"], r["name"]))
     default = [r for r in rows if r.get("paper_default")]  # rows of one plan carry the same figures
     best = [r for r in distinct if not default or r["plan"] != default[0]["plan"]][:top]
     return default + best
@@ -32,7 +33,8 @@ def _evaluate(model: Path, eval_data: Path, options: dict) -> dict:
     return report_metrics(evaluate(model, eval_data, show_progress=False, **options))
 
 
-def _distill_row(name: str, kind: str, result, params: int, metrics: dict, undistilled: dict | None, extra: dict) -> dict:
+def _distill_row(name: str, kind: str, result, params: int, metrics: dict, undistilled: dict | None,
+                 extra: dict) -> dict:
     s = result.manifest["summary"]
     return {"name": name, "kind": kind, "params": params, **metrics,
             "distill_tokens": s["tokens"], "distill_seconds": s["seconds"], "distill_train_seconds": s["train_seconds"],
@@ -146,7 +148,8 @@ def run_dense_baseline(
         keep(_distill_row(name, "dense-to-dense", result, pruned.manifest["summary"]["params"],
                           _evaluate(base / "distilled", eval_data, eval_options),
                           {k: undistilled.get(k) for k in ("ppl", "perplexity", "choice_acc", "choice_acc_norm")},
-                          {"pruned": {k: pruned.manifest["summary"][k] for k in ("ffn_width", "kv_heads", "source_params")}}))
+                          {"pruned": {k: pruned.manifest["summary"][k]
+                                      for k in ("ffn_width", "kv_heads", "source_params")}}))
     else:
         keep(done[name])
     return final.rows, compare(reference, done[name])

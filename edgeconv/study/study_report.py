@@ -43,7 +43,8 @@ def _fmt(v, pct: bool = False, digits: int = 1) -> str:
 
 def prescreen_markdown(rows: list[dict]) -> str:
     corpora = list(next((r["perplexity"] for r in rows if r.get("perplexity")), {}))
-    head = ["rank", "variant", *[f"ppl {c}" for c in corpora], "ppl (geo. mean)", "MC acc", "MC acc_norm", "same plan as"]
+    head = ["rank", "variant", *[f"ppl {c}" for c in corpora], "ppl (geo. mean)", "MC acc", "MC acc_norm",
+            "same plan as"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     ranked = sorted(rows, key=lambda r: (r["ppl"] if r.get("ppl") else math.inf, r["name"]))
     for i, r in enumerate(ranked, 1):
@@ -162,7 +163,8 @@ def plot_final(final: list[dict], png: Path) -> Path | None:
 def write_report(result, results: Path | None = None) -> dict:
     out = Path(result.out)
     effects = factor_effects(result.prescreen)
-    parts = ["## Prescreen (before distillation)", "", effects_markdown(effects), "", prescreen_markdown(result.prescreen)]
+    parts = ["## Prescreen (before distillation)", "", effects_markdown(effects), "",
+             prescreen_markdown(result.prescreen)]
     if result.final:
         parts += ["", "## After distillation", "", final_markdown(result.final)]
     if result.comparison:

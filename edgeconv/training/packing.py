@@ -21,6 +21,7 @@ import torch
 from edgeconv.errors import EdgeconvError
 from edgeconv.io.token_stream import GRANULE, open_stream
 
+
 def pack_tokens(tokenizer, path: Path, sequences: int, seq_len: int, batch_size: int = 1,
                 budget: str = "", cache_dir: Path | None = None) -> tuple[torch.Tensor, dict]:
     """[sequences, seq_len] int32 token ids from the start of the data, and a description with their sha256.

@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -69,9 +69,9 @@ class CacheSpec:
         return self.top_k * (2 + self.index_dtype.itemsize) + 4
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        m, l, k = self.sequences, self.seq_len, self.top_k
-        return {"values": ((m, l, k), np.dtype(np.float16)), "indices": ((m, l, k), self.index_dtype),
-                "tail": ((m, l), np.dtype(np.float32)), "done": ((m,), np.dtype(np.uint8))}
+        m, n, k = self.sequences, self.seq_len, self.top_k
+        return {"values": ((m, n, k), np.dtype(np.float16)), "indices": ((m, n, k), self.index_dtype),
+                "tail": ((m, n), np.dtype(np.float32)), "done": ((m,), np.dtype(np.uint8))}
 
 
 class _RowFile:

@@ -6,8 +6,8 @@ for every family, through the family adapters that already read every on-disk la
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import gguf
 import torch
@@ -60,7 +60,8 @@ def _common(w: gguf.GGUFWriter, c: dict) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
     elif kind not in (None, "default"):
-        raise EdgeconvError(f"rope scaling {kind!r} is not supported by the GGUF exporter", "export without it or to ONNX")
+        raise EdgeconvError(f"rope scaling {kind!r} is not supported by the GGUF exporter",
+                            "export without it or to ONNX")
 
 
 def _moe(w: gguf.GGUFWriter, c: dict, experts_key: str, width_key: str) -> None:

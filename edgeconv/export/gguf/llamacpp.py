@@ -7,9 +7,9 @@ import os
 import re
 import sys
 from collections import Counter, deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

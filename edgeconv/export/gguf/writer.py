@@ -11,9 +11,9 @@ from __future__ import annotations
 import errno
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
@@ -70,7 +70,8 @@ def _items(ckpt: Checkpoint, spec: GgufArch) -> list[Item]:
         lookup = name + ".weight" if name.endswith("self_attn.sinks") else name  # GPT-OSS sinks have no suffix
         gname = tmap.get_name(lookup, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise EdgeconvError(f"tensor {name} has no {spec.name} GGUF name", "this checkpoint layout is not supported for GGUF")
+            raise EdgeconvError(f"tensor {name} has no {spec.name} GGUF name",
+                                "this checkpoint layout is not supported for GGUF")
         produce = lambda n=name: ckpt.read(n)  # noqa: E731
         if spec.permute_qk and re.search(r"self_attn\.(q|k)_proj\.weight$", name):
             n_head = heads if ".q_proj." in name else kv_heads
@@ -100,7 +101,8 @@ def _experts_by_name(ckpt: Checkpoint, tmap) -> list[Item]:
 
 
 def _split_kv_b(ckpt: Checkpoint, name: str, tmap) -> list[Item]:
-    """MLA's kv_b_proj [heads * (nope + v), rank] as llama.cpp wants it: k_b [heads, rank, nope], v_b [heads, v, rank]."""
+    """MLA's kv_b_proj [heads * (nope + v), rank] as llama.cpp wants it: k_b [heads, rank, nope],
+    v_b [heads, v, rank]."""
     c = ckpt.config
     heads, nope, v = int(c["num_attention_heads"]), int(c["qk_nope_head_dim"]), int(c["v_head_dim"])
     rank = int(c["kv_lora_rank"])

@@ -336,8 +336,8 @@ def op_type_counts(model_path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return {k: counts[k] for k in sorted(counts) if k in ("MatMul", "MatMulInteger", "MatMulNBits", "DynamicQuantizeLinear",
-                                                          "Cast", "Gemm")}
+    return {k: counts[k] for k in sorted(counts)
+            if k in ("MatMul", "MatMulInteger", "MatMulNBits", "DynamicQuantizeLinear", "Cast", "Gemm")}
 
 
 # --- runners -------------------------------------------------------------------------------------------
@@ -415,7 +415,8 @@ def check_genai_supported(config: dict, where: str = "the model") -> None:
     arch = (config.get("architectures") or [model_type_of(config)])[0]
     if routed_experts(config) > 1:
         raise EdgeconvError(
-            f"the onnxruntime-genai export is for dense students; {where} is a MoE ({arch}, {routed_experts(config)} experts)",
+            f"the onnxruntime-genai export is for dense students; {where} is a MoE "
+            f"({arch}, {routed_experts(config)} experts)",
             "export the MoE teacher with --format onnx, or pass the dense student",
         )
     if arch not in GENAI_ARCHITECTURES:

@@ -9,7 +9,7 @@ within a group by descending count (ties: lower id), so a group's first expert i
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

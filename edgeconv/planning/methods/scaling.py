@@ -5,7 +5,7 @@ Every scaling is `fn(stats, groups) -> list[float]`, registered by name in `SCAL
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from edgeconv.calibration.stats import LayerStats
 from edgeconv.registry import Registry

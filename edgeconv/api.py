@@ -165,7 +165,8 @@ def export(model: str | Path, out: str | Path, config: ExportConfig | None = Non
         from edgeconv.stages.export_gguf import export_gguf
 
         return export_gguf(model, out, quant, force=force, tokenizer_pre=cfg.tokenizer_pre,
-                           imatrix_data=cfg.imatrix_data, imatrix_tokens=cfg.imatrix_tokens, reference=reference)
+                           imatrix_data=cfg.imatrix_data, imatrix_tokens=cfg.imatrix_tokens, reference=reference,
+                           allow_yarn_drift=cfg.allow_yarn_drift)
     from edgeconv.stages.export_onnx import export_onnx, export_onnx_genai
 
     if cfg.format == "onnx":

@@ -704,6 +704,10 @@ def sweep(no_progress, **params):
               type=click.Choice(ExportConfig.choices("dtype")),
               help="Dtype of the torch reference (the tolerances assume float32; auto: bfloat16 on a GPU that has it).")
 @layer_by_layer_option("the torch reference", default=ExportConfig.default("layer_by_layer"))
+@click.option("--allow-yarn-drift", is_flag=True, default=ExportConfig.default("allow_yarn_drift"),
+              help="GGUF of a model whose YaRN has truncate=false (every released GPT-OSS teacher, e.g. for bench "
+                   "--teacher): write llama.cpp's truncated YaRN, check parity against torch running that, and "
+                   "record the drift from the model as configured, per position, in parity.json and the card.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def export(model, precision, out_path, force, **params):
     """Export a dense student or a MoE teacher to GGUF (llama.cpp) or ONNX, checked against torch first.

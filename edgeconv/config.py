@@ -184,6 +184,8 @@ class ExportConfig(Options):
     device: str = Field("auto", description="where the torch reference of the parity check runs")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     layer_by_layer: bool | None = Field(None, description="the torch reference layer by layer; None: by memory")
+    allow_yarn_drift: bool = Field(False, description="GGUF of a model whose YaRN has truncate=false (a GPT-OSS "
+                                   "teacher): llama.cpp's truncated YaRN, the drift measured per position")
 
 
 class SweepConfig(Options):

@@ -113,7 +113,7 @@ def test_k_quants_apply_at_multiples_of_256(wide_dense, tmp_path, quant):
 def test_failing_parity_fails_the_export(models, tmp_path, monkeypatch):
     real = parity_mod.torch_logits
 
-    def off(model_dir, ids):
+    def off(model_dir, ids, config_overrides=None):
         return [x + np.random.default_rng(0).normal(0, 1.0, x.shape).astype(np.float32) for x in real(model_dir, ids)]
 
     monkeypatch.setattr("edgeconv.stages.export_gguf.torch_logits", off)

@@ -161,7 +161,7 @@ def reference_options(options: ReferenceOptions | None):
         _REFERENCE.reset(token)
 
 
-def torch_logits(model_dir, token_ids: list[list[int]]) -> list[np.ndarray]:
+def torch_logits(model_dir, token_ids: list[list[int]], config_overrides: dict | None = None) -> list[np.ndarray]:
     """The torch model's float32 logits [len, V] for each prompt: the whole model when it is small (ONE_PASS_ABOVE)
     and fits in memory, else one decoder layer at a time (edgeconv.forward), with the options of
     `reference_options` (logged: which, and why)."""
@@ -179,13 +179,13 @@ def torch_logits(model_dir, token_ids: list[list[int]]) -> list[np.ndarray]:
             # overlaps almost no compute).
             lbl = LayerByLayerModel(ckpt, device=device, dtype=dtype, batch_size=len(token_ids),
                                     max_activation_bytes=opts.max_activation_bytes, prefetch=False,
-                                    cast_on_use=True)
+                                    cast_on_use=True, config_overrides=config_overrides)
             return lbl.full_logits(token_ids)
     finally:
         ckpt.close()
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(config_overrides or {})).to(device).eval()
     out = []
     with torch.no_grad():
         for ids in token_ids:

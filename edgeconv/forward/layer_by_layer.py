@@ -209,9 +209,11 @@ class LayerByLayerModel:
     def __init__(self, model: str | Path | Checkpoint, *, device: str | torch.device = "auto",
                  dtype: str | torch.dtype = "auto", batch_size: int = 8, chunk_sequences: int | None = None,
                  max_activation_bytes: int = ForwardOptions.max_activation_bytes, spill_dir: Path | None = None,
-                 prefetch: bool = True, logits_bytes: int = LOGITS_BYTES, cast_on_use: bool = False):
+                 prefetch: bool = True, logits_bytes: int = LOGITS_BYTES, cast_on_use: bool = False,
+                 config_overrides: dict | None = None):
         """`cast_on_use`: cast each routed expert when tokens reach it instead of the whole layer before it runs
-        (RoutedMoeBlock): for one pass over a few tokens, the layer then costs its stored bytes only."""
+        (RoutedMoeBlock): for one pass over a few tokens, the layer then costs its stored bytes only.
+        `config_overrides`: config.json fields run differently (the YaRN llama.cpp runs, for a teacher's parity)."""
         self.ckpt = model if isinstance(model, Checkpoint) else Checkpoint.open(model)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -229,7 +231,7 @@ class LayerByLayerModel:
         self.runner = LayerRunner(
             self.ckpt, self.family, make_block, dtype=self.dtype, device=self.device,
             max_activation_bytes=max_activation_bytes, spill_dir=spill_dir, prefetch=prefetch,
-            what="the activations of the layer-by-layer forward",
+            config_overrides=config_overrides, what="the activations of the layer-by-layer forward",
             spill_hint="pass fewer sequences per chunk, or free space there")
         self.config = self.runner.config
         self.vocab_size = int(self.config.vocab_size)

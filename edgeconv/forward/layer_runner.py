@@ -328,12 +328,12 @@ class LayerRunner:
                  device: torch.device | str = "cpu", max_activation_bytes: int = 4 * 1024**3,
                  spill_dir: Path | None = None, prefetch: bool = True,
                  on_batch: Callable[[int, int], None] | None = None, what: str = "the calibration activations",
-                 spill_hint: str | None = None):
+                 spill_hint: str | None = None, config_overrides: dict | None = None):
         self.ckpt, self.family, self.make_block = ckpt, family, make_block
         self.dtype, self.device = dtype, torch.device(device)
         self.max_activation_bytes, self.spill_dir, self.prefetch = max_activation_bytes, spill_dir, prefetch
         self.on_batch, self.what, self.spill_hint = on_batch, what, spill_hint
-        self.config = AutoConfig.from_pretrained(ckpt.path)
+        self.config = AutoConfig.from_pretrained(ckpt.path, **(config_overrides or {}))
         self.model = build_skeleton(self.config, dtype, self.device)
         self.hidden_size = int(self.config.hidden_size)
         self.num_layers = len(self.model.model.layers)

@@ -17,10 +17,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export.gguf import llamacpp
-from edgeconv.export.gguf.arch import gguf_arch_for
+from edgeconv.export.gguf.arch import gguf_arch_for, untruncated_yarn
 from edgeconv.export.gguf.writer import check_free_space, disk_nearly_full, is_disk_full, not_enough_space, plan_gguf
 from edgeconv.export.parity import (
     PROMPTS,
@@ -83,16 +85,21 @@ def _written_by_edgeconv(out: Path) -> bool:
 def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, force: bool = False,
                 tokenizer_pre: str | None = None, prompts: list[str] = PROMPTS, imatrix_data: Path | None = None,
                 imatrix_tokens: int = 8192, reference: ReferenceOptions | None = None,
-                name: str | None = None) -> GgufExport:
+                name: str | None = None, allow_yarn_drift: bool = False) -> GgufExport:
     """`reference`: how the torch model the GGUF is checked against runs (device, dtype, whole or layer by
     layer; by default float32, the whole model when it fits in memory, else layer by layer). `name`: the GGUF's
-    general.name [default: the model's hub id, else its directory name]."""
+    general.name [default: the model's hub id, else its directory name]. `allow_yarn_drift`: a model whose YaRN has
+    truncate=false (a released GPT-OSS teacher) is exported with the YaRN llama.cpp runs (truncated), checked
+    against torch running that same rope, and its drift from the model as configured is measured per position
+    and written to parity.json and the card (see `yarn_drift`)."""
     is_float = get_quant("gguf", quant).float_type is not None  # unknown names refused with the known ones
     (reference or ReferenceOptions()).check()
     out = Path(out).absolute()
     _check_out(out, force)
     ckpt = Checkpoint.open(model)
     gguf_arch_for(ckpt.config)  # unsupported architectures fail before any work
+    yarn = untruncated_yarn(ckpt.config) if allow_yarn_drift else None
+    overrides = {"rope_scaling": yarn} if yarn else None
     if imatrix_data is not None and is_float:
         raise EdgeconvError(f"--imatrix-data applies to quantized types, not {quant}", "drop it or pick e.g. Q4_K_M")
     if imatrix_data is not None:
@@ -107,7 +114,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     plan, needed = None, 0
     tmp = temp_path(out)
     try:
-        plan = plan_gguf(ckpt.path, base, tokenizer_pre, name)
+        plan = plan_gguf(ckpt.path, base, tokenizer_pre, name, config_overrides=overrides)
         needed = plan.nbytes + SIDE_FILES_BYTES
         if not is_float:  # the float file and the quantized one are both on disk at the end
             needed += llamacpp.quantized_bytes_bound(plan.tensors(), quant, plan.metadata_bytes)
@@ -143,7 +150,8 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
         types = llamacpp.tensor_types(staged)
         fallbacks = llamacpp.k_quant_fallbacks(types, quant)
         with reference_options(reference):
-            parity = _parity(ckpt.path, staged, quant, prompts, routed=routed_experts(ckpt.config) > 1)
+            parity, drift = _parity(ckpt.path, staged, quant, prompts, routed=routed_experts(ckpt.config) > 1,
+                                    overrides=overrides)
         stem = out.with_suffix("")
         report = {
             "artifact": out.name,
@@ -156,12 +164,15 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             "imatrix": info.get("imatrix"),
             **parity.as_dict(),
         }
+        if drift is not None:
+            report["yarn_drift"] = drift
         gate(parity, report, stem.parent / f"{stem.name}.parity-failed.json",
              f"GGUF {quant} export of {ckpt.path.name}")
         report["sha256"] = sha256_file(staged)
         (tmp / f"{stem.name}.parity.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / f"{stem.name}.Modelfile").write_text(_modelfile(out.name))
-        (tmp / f"{stem.name}.md").write_text(gguf_card(facts(ckpt.path), out.name, quant, report))
+        (tmp / f"{stem.name}.md").write_text(gguf_card(facts(ckpt.path), out.name, quant, report)
+                                              + (_drift_section(drift) if drift is not None else ""))
         for f in tmp.iterdir():
             (out.parent / f.name).unlink(missing_ok=True)
             f.rename(out.parent / f.name)
@@ -179,7 +190,10 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     return GgufExport(out, parity, report["type_mix"], fallbacks, info)
 
 
-def _parity(model_dir: Path, gguf_path: Path, quant: str, prompts: list[str], routed: bool) -> Parity:
+def _parity(model_dir: Path, gguf_path: Path, quant: str, prompts: list[str], routed: bool,
+            overrides: dict | None = None) -> tuple[Parity, dict | None]:
+    """The gate's parity (torch with `overrides`, i.e. what llama.cpp runs) and, with overrides, the drift from the
+    model as its config.json says (yarn_drift)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -197,7 +211,34 @@ def _parity(model_dir: Path, gguf_path: Path, quant: str, prompts: list[str], ro
         artifact = [runner.logits(i) for i in ids]
     finally:
         runner.close()
-    return compare(f"gguf:{quant}", torch_logits(model_dir, ids), artifact, ids, routed=routed)
+    parity = compare(f"gguf:{quant}", torch_logits(model_dir, ids, overrides), artifact, ids, routed=routed)
+    return parity, (yarn_drift(torch_logits(model_dir, ids), artifact) if overrides else None)
+
+
+def yarn_drift(configured: list, artifact: list) -> dict:
+    """How far the GGUF (llama.cpp's truncated YaRN) is from the model run as configured (truncate=false), per
+    position: the largest |logit difference| at that position over the prompts, relative to the prompt's largest
+    |logit|; and the top-1 agreement over all positions."""
+    by_position: dict[int, float] = {}
+    agree = total = 0
+    for want, got in zip(configured, artifact, strict=True):
+        scale = float(np.abs(want).max()) or 1.0
+        for p, diff in enumerate(np.abs(got - want).max(axis=-1) / scale):
+            by_position[p] = max(by_position.get(p, 0.0), float(diff))
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += len(want)
+    rel = [round(by_position[p], 6) for p in sorted(by_position)]
+    return {"reference": "the model as configured (YaRN truncate=false); the gate used truncate=true, as llama.cpp",
+            "rel_diff_by_position": rel, "max_rel_diff": max(rel), "top1_agreement": agree / total}
+
+
+def _drift_section(drift: dict) -> str:
+    rel = drift["rel_diff_by_position"]
+    marks = ", ".join(f"{rel[p]:.1e} at {p}" for p in sorted({0, len(rel) // 4, len(rel) // 2, len(rel) - 1}))
+    return ("\n## YaRN drift\n\nllama.cpp always truncates YaRN's correction range; this model's config does not. "
+            "The GGUF matches torch run with the truncated range (the parity above); against the model as configured "
+            f"it drifts by {marks} (largest |logit difference| relative to the largest logit, by position), top-1 "
+            f"agreement {drift['top1_agreement']:.1%}. The drift grows with the position.\n")
 
 
 def _modelfile(name: str) -> str:

@@ -42,7 +42,8 @@ def _common(w: gguf.GGUFWriter, c: dict) -> None:
             raise EdgeconvError(
                 "the model's YaRN rope scaling has truncate=false, which llama.cpp does not implement (it always "
                 "truncates the correction range), so the GGUF would not match torch",
-                "export to ONNX, or set rope_scaling.truncate=true in config.json if you accept that change",
+                "a teacher GGUF: pass --allow-yarn-drift to export it with llama.cpp's YaRN and the drift measured per "
+                "position (edgeconv's students get truncate=true from the start); or export to ONNX",
             )
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(scaling["factor"]))
@@ -228,6 +229,15 @@ def gguf_arch_for(config: dict) -> GgufArch:
 def family_adapter(config: dict):
     """The family adapter used to read experts, also for single-expert outputs (OLMoE, GPT-OSS)."""
     return FAMILIES.get(config["architectures"][0])(config)
+
+
+def untruncated_yarn(config: dict) -> dict | None:
+    """The rope scaling llama.cpp runs instead of `config`'s, when they differ: YaRN with truncate=false (every
+    released GPT-OSS) becomes truncate=true. None when llama.cpp runs the config as it is."""
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "yarn" and scaling.get("truncate") is False:
+        return {**scaling, "truncate": True}
+    return None
 
 
 class _NoWriter:

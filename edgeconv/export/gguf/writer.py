@@ -216,7 +216,8 @@ def _file_bytes(writer: gguf.GGUFWriter) -> tuple[int, int]:
     return metadata, metadata + sum(gguf.GGUFWriter.ggml_pad(info.nbytes, align) for info in tensors.values())
 
 
-def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None, name: str | None = None) -> GgufPlan:
+def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None, name: str | None = None,
+              config_overrides: dict | None = None) -> GgufPlan:
     """Declare `model_dir` as a GGUF of float type `ftype`: everything but the tensor data, which `write` streams.
     `name`: general.name [default: the hub id, else the directory name]; the rest of general.* is
     edgeconv.export.gguf.metadata's."""
@@ -225,6 +226,7 @@ def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None, name:
         raise EdgeconvError(f"{ftype} is not a float GGUF type", f"use one of {', '.join(floats)}")
     entry = get_quant("gguf", ftype)
     ckpt = Checkpoint.open(model_dir)
+    ckpt.config = {**ckpt.config, **(config_overrides or {})}  # e.g. the YaRN llama.cpp runs (export_gguf)
     writer = None
     try:
         spec = gguf_arch_for(ckpt.config)

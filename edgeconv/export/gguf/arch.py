@@ -254,11 +254,16 @@ def check_config(config: dict) -> GgufArch:
     work, on the student's config (and the teacher's when it is exported too)."""
     arch = gguf_arch_for(config)
     arch.metadata(_NoWriter(), config)
+    check_all_moe(config, arch)
+    return arch
+
+
+def check_all_moe(config: dict, arch: GgufArch) -> None:
+    """llama.cpp's MoE architectures other than deepseek2 have no leading dense layers."""
     if arch.moe and not arch.split_kv_b:
         family = family_adapter(config)
         dense = sorted(set(range(family.num_layers)) - set(family.moe_layers()))
         if dense:
             raise EdgeconvError(
                 f"llama.cpp's {arch.name} needs every layer to be MoE, but layers {dense} of this model are dense",
-                "export it to ONNX instead")
-    return arch
+                "export it to ONNX instead, or convert it to a dense model first")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from edgeconv.errors import EdgeconvError
-from edgeconv.export.gguf.arch import GgufArch, family_adapter, gguf_arch_for, permute_for_llama_rope
+from edgeconv.export.gguf.arch import GgufArch, check_all_moe, family_adapter, gguf_arch_for, permute_for_llama_rope
 from edgeconv.export.gguf.metadata import add_general
 from edgeconv.export.gguf.vocab import add_vocab
 from edgeconv.io.checkpoint import Checkpoint
@@ -42,13 +42,8 @@ class Item:
 def _items(ckpt: Checkpoint, spec: GgufArch) -> list[Item]:
     config = ckpt.config
     tmap = gguf.get_tensor_name_map(spec.arch, int(config["num_hidden_layers"]))
+    check_all_moe(config, spec)
     family = family_adapter(config) if spec.moe else None
-    if family is not None and not spec.split_kv_b and len(family.moe_layers()) != family.num_layers:
-        dense = sorted(set(range(family.num_layers)) - set(family.moe_layers()))
-        raise EdgeconvError(
-            f"llama.cpp's {spec.name} needs every layer to be MoE, but layers {dense} of this checkpoint are dense",
-            "export it to ONNX instead, or convert it to a dense model first",
-        )
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     items: list[Item] = []

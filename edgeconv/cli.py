@@ -824,6 +824,13 @@ def _print_onnx(result) -> None:
 @click.option("--precision", type=click.Choice(DistillConfig.choices("precision")),
               default=DistillConfig.default("precision"), show_default=True,
               help="auto: bf16 autocast on GPUs that have it, fp32 on CPU.")
+@click.option("--lora-rank", type=click.IntRange(min=0), default=DistillConfig.default("lora_rank"),
+              show_default=True,
+              help="0: train every weight (AdamW: ~16 bytes per parameter). R: freeze the student and train rank-R "
+                   "LoRA adapters on its linear layers, merged into the weights at the end: for a student whose "
+                   "AdamW state does not fit (a 3 B student needs ~48 GB; frozen, 12 GB).")
+@click.option("--lora-alpha", type=float, default=DistillConfig.default("lora_alpha"),
+              help="LoRA scale numerator: adapter output x alpha / R [default: 2 x rank].")
 @click.option("--seed", type=int, default=DistillConfig.default("seed"), show_default=True,
               help="Seed of the data order.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -832,7 +839,8 @@ def _print_onnx(result) -> None:
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def distill(teacher, student, data, teacher_cache, cache_only, cache_device, cache_dtype, layer_by_layer, cache_chunk,
             out_dir, force, no_progress, **params):
-    """Distill a dense student from its teacher: forward KL on next-token distributions, whole student trained.
+    """Distill a dense student from its teacher: forward KL on next-token distributions, the whole student trained
+    (or, with --lora-rank, LoRA adapters on its frozen weights, merged at the end).
 
     AdamW with warm-up and cosine decay over packed sequences; the result is a stock transformers checkpoint
     in --out, with metrics.jsonl (one line per step), loss.png and manifest.json. Checkpoints are written every
@@ -848,6 +856,8 @@ def distill(teacher, student, data, teacher_cache, cache_only, cache_device, cac
           --top-k 64 --temperature 2 --out distilled/
       torchrun --nproc_per_node 4 -m edgeconv.cli distill --teacher moe/ --student dense/ \\
           --data text/ --tokens 50000000 --batch-size 32 --out distilled/
+      edgeconv distill --teacher moe/ --student dense/ --mode offline --lora-rank 16 --grad-accum 4 \\
+          --out distilled/   # a student too large for AdamW in this machine's memory
     """
     config = resolve_config(DistillConfig, params)
     result = api.distill(student, out_dir, config, teacher=teacher, data=data, teacher_cache=teacher_cache,

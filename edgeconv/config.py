@@ -241,6 +241,15 @@ class DistillConfig(Options):
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    lora_rank: int = Field(0, ge=0, description="0: train every weight; R: freeze the student, train rank-R LoRA "
+                                                "adapters (merged at the end): for students whose AdamW state does "
+                                                "not fit in memory")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator (adapter output x alpha / R); "
+                                                             "default 2 x rank")
+
+    @property
+    def lora_alpha_value(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
 
     @classmethod
     def make(cls, **options) -> DistillConfig:
@@ -286,4 +295,5 @@ class DistillConfig(Options):
     def key_options(self) -> dict:
         """What decides the result (everything but how often to checkpoint, and k when nothing is cached)."""
         skip = NOT_IN_KEY + (("top_k",) if self.mode == "online" else ())
+        skip += ("lora_rank", "lora_alpha") if not self.lora_rank else ()  # keys of full-training runs unchanged
         return {k: v for k, v in self.model_dump().items() if k not in skip}

@@ -51,6 +51,7 @@ from edgeconv.reporting.model_card import write_checkpoint_card
 from edgeconv.stages.stage import Identity, StageBase, StageResult, run_stage
 from edgeconv.training import metrics, train_state
 from edgeconv.training import teacher_cache as cache_mod
+from edgeconv.training.lora import merged, with_adapters
 from edgeconv.training.models import (
     check_pair,
     check_same_tokenizer,
@@ -179,12 +180,16 @@ class DistillStage(StageBase):
 
         torch.manual_seed(cfg.seed)
         model = load_model(self.s_ckpt, "student", torch.float32, device)
+        if cfg.lora_rank:
+            model = with_adapters(model, cfg)
         started = time.perf_counter()
         model, self.outcome = train(accelerator, model, teacher_source, self.ids,
                                     sequence_order(cfg.sequences, cfg.seed), cfg, self.work, self.key,
                                     progress=self.progress)
         del teacher_source
         gc.collect()
+        if cfg.lora_rank:  # the adapters added into the weights: a plain checkpoint again
+            model = merged(accelerator.unwrap_model(model))
         self.state = accelerator.get_state_dict(model)  # collective under FSDP (gathers the full weights)
         self.model = accelerator.unwrap_model(model)
         self.started_at = started

@@ -4,7 +4,8 @@ A checkpoint holds no pickle, and loading one unpickles nothing: tensors are rea
 with json (a work directory is not trusted more than the data: whoever can write a pickle there could run
 code in the next resume). `step-00000040/` holds
 
-    model.safetensors        the student's weights (tensors that share storage, tied embeddings, saved once)
+    model.safetensors        the student's weights (tensors that share storage, tied embeddings, saved once);
+                             with LoRA only the adapters (the frozen weights are the student's own)
     optimizer.safetensors    the AdamW state's tensors (exp_avg, exp_avg_sq, step per parameter)
     optimizer.json           the rest of its state_dict (param_groups' hyperparameters), naming those tensors
     scheduler.json           the LR scheduler's state_dict
@@ -90,8 +91,7 @@ def save(accelerator, root: Path, step: int, run_key: str, keep: int, *, model: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # save_model writes tensors that share storage (tied embeddings) once; load_model ties them again.
-        save_model(accelerator.unwrap_model(model), str(tmp / f"{MODEL}.safetensors"))
+        _save_weights(accelerator.unwrap_model(model), tmp / f"{MODEL}.safetensors")
         _write(tmp, OPTIMIZER, optimizer.state_dict())
         _write(tmp, SCHEDULER, scheduler.state_dict())
     _write(tmp, f"rng-{accelerator.process_index}", _rng_state())
@@ -124,7 +124,7 @@ def load(accelerator, path: Path, run_key: str, *, model: torch.nn.Module, optim
         raise EdgeconvError(f"checkpoint {path} belongs to another run", "pass --force to start over")
     try:
         # Read on the CPU (safetensors refuses accelerate's "cpu:0"); load_state_dict copies onto the parameters.
-        load_model(accelerator.unwrap_model(model), path / f"{MODEL}.safetensors")
+        _load_weights(accelerator.unwrap_model(model), path / f"{MODEL}.safetensors")
         optimizer.load_state_dict(_read(path, OPTIMIZER))
         scheduler.load_state_dict(_read(path, SCHEDULER))
         rng = f"rng-{accelerator.process_index}"
@@ -135,6 +135,29 @@ def load(accelerator, path: Path, run_key: str, *, model: torch.nn.Module, optim
     except Exception as exc:  # a truncated or edited file: safetensors, json, or a state_dict that does not fit
         raise EdgeconvError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})", start_over) from None
     return int(state["step"])
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Every weight, or only the trained ones when some are frozen (LoRA: the student's own weights are read
+    from its checkpoint again on resume, so only the adapters are saved)."""
+    if all(p.requires_grad for p in model.parameters()):
+        # save_model writes tensors that share storage (tied embeddings) once; load_model ties them again.
+        save_model(model, str(path))
+    else:
+        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(path))
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    if all(p.requires_grad for p in model.parameters()):
+        load_model(model, path)
+        return
+    tensors = load_file(path)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != trained:
+        raise ValueError(f"it holds {len(tensors)} tensors, this run trains {len(trained)} "
+                         f"(e.g. {sorted(set(tensors) ^ trained)[:1]})")
+    model.load_state_dict(tensors, strict=False)
 
 
 def refuse_pickles(path: Path, hint: str) -> None:

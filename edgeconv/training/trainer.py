@@ -87,12 +87,16 @@ def train(accelerator, student: torch.nn.Module, teacher, ids: torch.Tensor, ord
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = check_split(cfg.batch_size, cfg.grad_accum, world)
     student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    # Only what is trained gets AdamW state: every parameter, or the LoRA adapters (edgeconv.training.lora).
+    trained = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   weight_decay=cfg.weight_decay)
     # Stepped by us once per optimizer step; not passed through accelerator.prepare, whose wrapper would
     # step it once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step))
     student, optimizer = accelerator.prepare(student, optimizer)
+    # After prepare: under FSDP accelerate recognises the wrapped model's own parameter list and clips through it.
+    clipped = [p for p in student.parameters() if p.requires_grad]
     # Saved and restored by edgeconv.training.train_state (no pickle), not by accelerate's save_state/load_state.
     state = {"model": student, "optimizer": optimizer, "scheduler": scheduler}
 
@@ -131,7 +135,7 @@ def train(accelerator, student: torch.nn.Module, teacher, ids: torch.Tensor, ord
                     loss = (1 - cfg.ce_weight) * kl + cfg.ce_weight * ce if cfg.ce_weight else kl
                     accelerator.backward(loss / cfg.grad_accum)
                 parts += torch.stack([loss.detach(), kl.detach(), ce.detach()]).float().cpu() / cfg.grad_accum
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(clipped, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()

@@ -215,7 +215,8 @@ def row_result(r: dict) -> str:
         return "; ".join(f"npl {b.get('pl')}: S_TG {b.get('speed_tg', 0):,.1f} tok/s, S {b.get('speed', 0):,.1f}"
                          for b in x["batched"])
     if "summary" in x:
-        return ", ".join(f"{k} {v}" for k, v in x["summary"].items())
+        options = f"{x['options']}: " if x.get("options") else ""
+        return options + ", ".join(f"{k} {v}" for k, v in x["summary"].items())
     return ""
 
 
@@ -527,9 +528,11 @@ class Run:
             models.remove(p)
         cmd = [*edgeconv_command(), "distill", "--teacher", self.ckpt, "--student", self.student, "--mode", "offline",
                "--tokens", self.args.distill_tokens, "--data", DISTILL_DATA,
-               "--teacher-cache", self.work / "teacher-cache", "--out", self.work / "distilled", "--no-progress"]
+               "--teacher-cache", self.work / "teacher-cache", "--out", self.work / "distilled", "--no-progress",
+               *self.args.distill_args.split()]
         fields = self.measure("distill", "distill", cmd, self.work / "distilled")
-        extra = {"tokens": self.args.distill_tokens}
+        extra = {"tokens": self.args.distill_tokens, **({"options": self.args.distill_args}
+                                                        if self.args.distill_args else {})}
         manifest = self.work / "distilled" / "manifest.json"
         if manifest.exists():
             s = json.loads(manifest.read_text()).get("summary", {})
@@ -836,6 +839,9 @@ def main(argv=None) -> int:
     r.add_argument("--bench-reps", type=int, default=3, help="llama-bench -r")
     r.add_argument("--calibration-tokens", type=int, default=None, help="edgeconv convert --tokens [its default]")
     r.add_argument("--distill-tokens", type=int, default=16384, help="tokens of the cache fill and the distillation")
+    r.add_argument("--distill-args", default="",
+                   help="more `edgeconv distill` options for the distill stage, e.g. '--lora-rank 16 --grad-accum 4' "
+                        "(a student whose AdamW state does not fit in memory)")
     r.add_argument("--dry-run", action="store_true", help="print the disk each step needs and stop")
     r.add_argument("--redo", action="store_true", help="rerun stages whose rows exist")
     r.add_argument("--force", action="store_true", help="rewrite a real-shape checkpoint written with another spec")

@@ -38,6 +38,10 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
+LORA_HELP = ("0: distillation trains every weight. R: it trains rank-R LoRA adapters on the frozen student and "
+             "merges them (`edgeconv distill --lora-rank`): for a student whose AdamW state does not fit.")
+
+
 def parse_size(text: str) -> int:
     units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -495,6 +499,8 @@ def methods():
               help="online: teacher forward each step; offline: cache its top-k log-probs first.")
 @click.option("--distill-lr", type=float, default=ConvertConfig.default("distill_lr"), show_default=True,
               help="Peak learning rate of distillation.")
+@click.option("--distill-lora-rank", type=click.IntRange(min=0), default=ConvertConfig.default("distill_lora_rank"),
+              show_default=True, help=LORA_HELP)
 @config_file_options
 @click.option("--force", is_flag=True, help="Replace --out even if it holds something else.")
 @click.option("--no-progress", is_flag=True)
@@ -939,6 +945,21 @@ def eval_(model, runtime, data, tokens, window, examples, choices, threads, devi
 
         names = write_lm_eval_tasks(lm_eval_tasks, data)
         console.print(f"wrote {len(names)} lm-eval tasks (tag `edgeconv`) to {lm_eval_tasks}: {', '.join(names)}")
+        return
+    if lm_eval_names is not None:
+        from edgeconv.evaluation.lm_eval_run import results_table
+
+        limit = int(limit) if limit is not None and limit >= 1 else limit
+        res = api.lm_evaluate(model, lm_eval_names, include_path=include_path, data=data, runtime=runtime,
+                              limit=limit, threads=threads, device="cpu" if device == "auto" else device,
+                              dtype="float32" if dtype == "auto" else dtype)
+        text = json.dumps(res["results"], indent=1, default=str)
+        if out_path:
+            out_path.write_text(text)
+        if as_json:
+            out.print_json(text)
+        else:
+            out.print(results_table(res["results"]))
         return
     from edgeconv.evaluation.suite import summary_table
 

@@ -141,10 +141,16 @@ class ConvertConfig(Options):
     distill_data: Path | None = Field(None, description="distillation text; None: `data`")
     distill_mode: Literal["online", "offline"] = "online"
     distill_lr: float = Field(5e-4, gt=0, description="peak distillation lr (DistillConfig's; see BUILD_DISTILL_LR)")
+    distill_lora_rank: int = Field(0, ge=0, description="DistillConfig's lora_rank (0: train every weight)")
 
     def distill_options(self) -> dict:
-        """The DistillConfig options besides the budget (recorded in the run record as they are)."""
-        return {"mode": self.distill_mode, "lr": self.distill_lr}
+        """The DistillConfig options besides the budget (recorded in the run record as they are; LoRA only when
+        asked for, so the records of earlier runs stay valid)."""
+        return {"mode": self.distill_mode, "lr": self.distill_lr, **_lora(self.distill_lora_rank)}
+
+
+def _lora(rank: int) -> dict:
+    return {"lora_rank": rank} if rank else {}
 
 
 class BuildConfig(Options):
@@ -161,6 +167,7 @@ class BuildConfig(Options):
     distill_data: Path | None = Field(None, description="None: the shipped text for the demo teacher, else `data`")
     distill_lr: float = Field(BUILD_DISTILL_LR, gt=0)
     distill_mode: Literal["online", "offline"] = "online"
+    distill_lora_rank: int = Field(0, ge=0, description="DistillConfig's lora_rank (0: train every weight)")
     eval_data: Path | None = Field(None, description="evaluation data bundled; None: the shipped held-out set")
     threads: int | None = Field(None, description="threads of the benchmark run here; None: all")
     bench: bool = Field(True, description="run bench.py here after bundling")
@@ -169,7 +176,8 @@ class BuildConfig(Options):
     def distill_options(self) -> dict:
         """The DistillConfig options besides the budget. Online, the default, is left out: a build records the
         options it had before the mode existed, so earlier builds stay up to date."""
-        return {"lr": self.distill_lr, **({"mode": "offline"} if self.distill_mode == "offline" else {})}
+        return {"lr": self.distill_lr, **({"mode": "offline"} if self.distill_mode == "offline" else {}),
+                **_lora(self.distill_lora_rank)}
 
 
 class ExportConfig(Options):

@@ -94,12 +94,12 @@ def test_small_config_stage_arithmetic(tmp_path):
     assert plan.estimate.params == h.student_params == STUDENT_PARAMS
     assert h.config_only and not h.problems and h.teacher.bytes == SMALL_PARAMS * 2  # bf16, from the config
 
-    # calibrate, on the CPU: fp32 embeddings, the largest layer in fp32 and the next one read ahead in bf16, the
+    # calibrate, on the CPU: fp32 embeddings, the largest layer in fp32 (none read ahead on a CPU), the
     # activations of 4,096 tokens, one 4 x 512 batch
     acts = 4096 * 32 * 4
     batch = 4 * 2048 * (8 * 32 + 3 * 2 * 16 + 8) + 2 * 4 * 4 * 4 * 512**2  # + eager attention scores
     assert h.stage("calibrate").device == "cpu"
-    assert h.stage("calibrate").memory == PROCESS_BYTES + 384 * 32 * 4 + SMALL_LAYER * (4 + 2) + acts + batch
+    assert h.stage("calibrate").memory == PROCESS_BYTES + 384 * 32 * 4 + SMALL_LAYER * 4 + acts + batch
     assert h.stage("calibrate").writes[0].bytes == 0  # 0.5 MB of activations stay in memory
 
     # distill online on the CPU: the teacher in fp32, the student with grads and AdamW (16 B), activations of
@@ -192,8 +192,8 @@ def test_qwen3_30b_config_plans_every_stage_and_says_what_would_stop_it(tmp_path
     assert "30.53 B parameters (3.34 B active per token), 61.06 GB in bfloat16 (config.json only" in text
     assert "the whole teacher 122.13 GB (fp32)" in text and "AdamW 53.45 GB (16 B x 3.34 B params)" in text
     assert "a build with the weights would stop: distill needs about" in text
-    assert h.stage("calibrate").memory < host.ram_total  # one layer at a time: 2.49 GB in fp32 + 1.25 GB read ahead
-    assert "the largest layer and the next one (read ahead) 3.74 GB" in text and "DOES NOT FIT" in text
+    assert h.stage("calibrate").memory < host.ram_total  # one layer at a time: 2.49 GB in fp32, none read ahead
+    assert "the largest layer 2.49 GB" in text and "DOES NOT FIT" in text
     # Offline: 388 B/token of cache, and the student's AdamW states still do not fit 25 GB.
     off = plan_build(model, "jetson", out=tmp_path / "b", measure=False, host=host,
                      distill_options={"mode": "offline"}).host
@@ -202,7 +202,23 @@ def test_qwen3_30b_config_plans_every_stage_and_says_what_would_stop_it(tmp_path
     assert off.stage("cache").memory < host.ram_total < off.stage("distill").memory  # the cache: layer by layer
     assert "layer by layer in fp32, 1 pass" in off.stage("cache").memory_how
     assert off.problems[0].line().startswith("distill needs about")
+    assert "pass --distill-lora-rank 16 (the student frozen, 13.36 GB" in off.problems[0].line()
     assert ADAMW_BYTES_PER_PARAM * plan.estimate.params > host.ram_total
+    # LoRA: the student frozen in fp32 (4 B per parameter) and the adapters' AdamW state, 40 GB less.
+    lora = plan_build(model, "jetson", out=tmp_path / "b", measure=False, host=host,
+                      distill_options={"mode": "offline", "lora_rank": 16}).host
+    assert off.stage("distill").memory - lora.stage("distill").memory > 39e9
+    assert "the student frozen in fp32 13.36 GB + rank-16 LoRA adapters" in lora.stage("distill").memory_how
+
+
+def test_calibration_reads_ahead_on_a_gpu_only(tmp_path):
+    model = config_dir(tmp_path, "Qwen3-30B-A3B", QWEN3_30B)
+    cpu = Host("test cpu", 2, 25 * 10**9, 24 * 10**9)
+    gpu = Host("test cpu", 2, 25 * 10**9, 24 * 10**9, gpu="test gpu", gpu_memory=80 * 10**9)
+    on_cpu = plan_build(model, "jetson", out=tmp_path / "b", measure=False, host=cpu).host.stage("calibrate")
+    on_gpu = plan_build(model, "jetson", out=tmp_path / "b", measure=False, host=gpu).host.stage("calibrate")
+    assert on_cpu.device == "cpu" and on_gpu.device == "cuda"
+    assert "read ahead" in on_gpu.memory_how and "read ahead" not in on_cpu.memory_how
 
 
 def test_throughput_is_measured_once_per_shape(tmp_path):

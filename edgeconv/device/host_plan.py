@@ -6,13 +6,14 @@ The target check (edgeconv.device.memory_fit) asks whether the *student* fits th
 - memory, per stage, where it runs: calibrate, the cache pass, distill and the parity reference on the GPU when
   there is one (their `auto` device; bf16 there, fp32 on the CPU), assemble, the GGUF files and bench on the CPU;
   each stage adds 0.5 GB for the process itself (python, torch, transformers, a tokenizer):
-  calibrate  layer by layer: the embeddings + the largest decoder layer in the compute dtype and the next one
-             read ahead as stored + the calibration activations (tokens x hidden, in memory up to 4 GiB, spilled
-             to disk beyond) + one batch's working set (eager attention scores included)
+  calibrate  layer by layer: the embeddings + the largest decoder layer in the compute dtype (on a GPU also the
+             next one, read ahead as stored) + the calibration activations (tokens x hidden, in memory up to
+             4 GiB, spilled to disk beyond) + one batch's working set (eager attention scores included)
   assemble   about one layer: the selected experts in fp32 while merged, the largest output tensor
   cache      offline distillation's first pass: the whole teacher when it fits, else layer by layer (embeddings,
              head, two layers, 2 GiB of activations a pass), chosen with edgeconv.forward's own rule
-  distill    the student's weights, gradients and AdamW moments in fp32 (16 bytes per parameter) + the
+  distill    the student's weights, gradients and AdamW moments in fp32 (16 bytes per parameter; with LoRA the
+             student frozen, 4 bytes, and 16 per adapter parameter) + the
              activations kept for the backward pass (6 hidden + 6 query + 4 key/value + 4 FFN values per token
              and layer) + 9 (online) or 7 (offline) fp32 copies of a micro-batch's logits; online also the whole
              teacher
@@ -517,12 +518,13 @@ def plan_host(*, config: dict, family, path: Path, dense: dict, student_params: 
     working = cb * bt * (8 * H + 3 * family.top_k * family.expert_width + family.num_experts) + \
         2 * cb * CALIBRATION_BATCH * heads * CALIBRATION_SEQ_LEN**2  # eager attention: scores and softmax
     gram = GRAM_TOKENS * family.num_experts * t.expert_params  # every expert on the shared sample
-    layers = t.largest_layer * (cb + sb)
+    ahead = dev != "cpu"  # calibrate reads the next layer ahead on a GPU only (edgeconv.stages.calibrate)
+    layers = t.largest_layer * (cb + (sb if ahead else 0))
     stages.append(HostStage(
         "calibrate", dev, base + t.embed_params * cb + layers + (0 if spilled else acts) + working,
-        f"layer by layer in {_dtype(cb)}: embeddings {gb(t.embed_params * cb)} + the largest layer and the next "
-        f"one (read ahead) {gb(layers)} + activations {gb(acts)}{' on disk (over 4 GiB)' if spilled else ''} + "
-        f"batch {gb(working)}",
+        f"layer by layer in {_dtype(cb)}: embeddings {gb(t.embed_params * cb)} + the largest layer"
+        f"{' and the next one (read ahead)' if ahead else ''} {gb(layers)} + activations {gb(acts)}"
+        f"{' on disk (over 4 GiB)' if spilled else ''} + batch {gb(working)}",
         _slowest(compute_time(calibration_tokens * (t.compute_params - t.head_params) + gram, dev),
                  disk_time(t.bytes)),
         [Item("activation spill", acts if spilled else 0, student_work, until="calibrate")]))
@@ -541,13 +543,23 @@ def plan_host(*, config: dict, family, path: Path, dense: dict, student_params: 
         hq, hkv = _attention_widths(dense)
         layer_acts = n * s_layers_n * (6 * H + 6 * hq + 4 * hkv + 4 * s_width) * cb
         logits = n * V * 4  # one fp32 [micro-batch, vocabulary] tensor
-        states = ADAMW_BYTES_PER_PARAM * student_params
+        if cfg.lora_rank:  # the student frozen in fp32; the adapters (every linear: r x (in + out)) train
+            trained = cfg.lora_rank * s_layers_n * (7 * H + 2 * hq + 2 * hkv + 3 * s_width)
+            states = 4 * student_params + ADAMW_BYTES_PER_PARAM * trained
+            student_how = (f"the student frozen in fp32 {gb(4 * student_params)} + rank-{cfg.lora_rank} LoRA adapters "
+                           f"with grads and AdamW {gb(ADAMW_BYTES_PER_PARAM * trained)}")
+            passes_per_token = 2  # forward, and the backward's input gradients (no weight gradients)
+        else:
+            trained = student_params
+            states = ADAMW_BYTES_PER_PARAM * student_params
+            student_how = f"student + grads + AdamW {gb(states)} (16 B x {count(student_params)} params)"
+            passes_per_token = 3
         saves = max(0, math.ceil(cfg.steps / cfg.checkpoint_every) - 1)
-        ckpts = min(saves, cfg.keep_checkpoints + 1) * CHECKPOINT_BYTES_PER_PARAM * student_params
-        distill = {"mode": cfg.mode, "tokens": tokens, "top_k": cfg.top_k, "tokens_per_step": cfg.tokens_per_step}
+        ckpts = min(saves, cfg.keep_checkpoints + 1) * CHECKPOINT_BYTES_PER_PARAM * trained
+        distill = {"mode": cfg.mode, "tokens": tokens, "top_k": cfg.top_k, "tokens_per_step": cfg.tokens_per_step,
+                   "lora_rank": cfg.lora_rank}
         train_writes = [Item("checkpoints", ckpts, student_work, until="distill"),
                         Item("distilled student", student_bytes, work)]
-        student_how = f"student + grads + AdamW {gb(states)} (16 B x {count(student_params)} params)"
         if cfg.mode == "offline":
             per_token = cache_bytes_per_token(cfg.top_k, V)
             distill["bytes_per_token"] = per_token
@@ -573,14 +585,16 @@ def plan_host(*, config: dict, family, path: Path, dense: dict, student_params: 
             train_acts = layer_acts + LOGITS_COPIES["offline"] * logits
             stages.append(HostStage(
                 "distill", dev, base + states + train_acts, f"{student_how} + activations {gb(train_acts)}",
-                compute_time(tokens * 3 * s_compute, dev), train_writes, note="offline: the student alone"))
+                compute_time(tokens * passes_per_token * s_compute, dev), train_writes,
+                note="offline: the student alone"))
         else:
             teacher_mem = t.params * cb
             train_acts = layer_acts + LOGITS_COPIES["online"] * logits
             stages.append(HostStage(
                 "distill", dev, base + teacher_mem + states + train_acts,
                 f"the whole teacher {gb(teacher_mem)} ({_dtype(cb)}) + {student_how} + "
-                f"activations {gb(train_acts)}", compute_time(tokens * (3 * s_compute + t.compute_params), dev),
+                f"activations {gb(train_acts)}",
+                compute_time(tokens * (passes_per_token * s_compute + t.compute_params), dev),
                 train_writes, note="online"))
 
     # export: the float GGUF and the quantized one (CPU), parity against the torch student in fp32
@@ -626,10 +640,14 @@ def _memory_problem(s: HostStage, limit: int, host: Host, student_params: int, d
                 f"does not fit, then the student trains alone: {gb(ADAMW_BYTES_PER_PARAM * student_params)} "
                 "for it and its AdamW states), "
                 "or --distill-tokens 0 to skip distillation")
-    elif s.name == "distill":
+    elif s.name == "distill" and not distill.get("lora_rank"):
         states = gb(ADAMW_BYTES_PER_PARAM * student_params)
-        hint = (f"the student's weights, gradients and AdamW states alone are {states}: distill on a machine "
-                "that holds them (the cache can be filled here: `edgeconv distill --mode offline --cache-only`), "
+        hint = (f"the student's weights, gradients and AdamW states alone are {states}: pass --distill-lora-rank 16 "
+                f"(the student frozen, {gb(4 * student_params)}, LoRA adapters trained), distill on a machine that "
+                "holds them (the cache can be filled here: `edgeconv distill --mode offline --cache-only`), "
+                "pick a smaller --groups, or pass --distill-tokens 0 to skip distillation")
+    elif s.name == "distill":
+        hint = (f"the frozen student alone is {gb(4 * student_params)} in fp32: distill on a machine that holds it, "
                 "pick a smaller --groups, or pass --distill-tokens 0 to skip distillation")
     elif s.name == "cache":
         hint = "fill the cache on a machine with more memory (`edgeconv distill --mode offline --cache-only`)"

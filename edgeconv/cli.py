@@ -1028,6 +1028,8 @@ def targets(as_json):
               default=BuildConfig.default("distill_mode"), show_default=True,
               help="online: the whole teacher runs beside the student every step. offline: the teacher's top-64 "
                    "log-probs are cached on disk first (OUT.work), then the student trains alone.")
+@click.option("--distill-lora-rank", type=click.IntRange(min=0), default=BuildConfig.default("distill_lora_rank"),
+              show_default=True, help=LORA_HELP)
 @click.option("--eval-data", type=click.Path(file_okay=False, path_type=Path), default=BuildConfig.default("eval_data"),
               help="Evaluation data bundled for bench.py [default: the shipped held-out set].")
 @click.option("--threads", type=int, default=BuildConfig.default("threads"),

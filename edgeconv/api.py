@@ -214,6 +214,43 @@ def evaluate(model: str | Path = DEFAULT_MODEL, *, data: str | Path | None = Non
                forward=ForwardOptions(device=device, dtype=dtype, layer_by_layer=layer_by_layer))
 
 
+def lm_evaluate(model: str | Path = DEFAULT_MODEL, tasks: str | list[str] = "edgeconv", *,
+                include_path: str | Path | None = None, data: str | Path | None = None, runtime: str = "auto",
+                limit: int | float | None = None, max_length: int = 2048, batch_size: int = 1,
+                threads: int | None = None, device: str = "cpu", dtype: str = "float32"):
+    """lm-evaluation-harness on a torch checkpoint or a GGUF: `edgeconv eval --lm-eval TASKS`.
+
+    Writes nothing (edgeconv's task YAMLs go to a temporary directory). A checkpoint runs in lm-eval's `hf` model, a
+    .gguf in edgeconv's `edgeconv-gguf` model on llama-cpp-python (edgeconv/evaluation/lm_eval_gguf.py).
+
+    Args:
+        model: an HF checkpoint directory or demo name, or a .gguf file.
+        tasks: lm-eval task names, tags or globs (a list or a comma list); `edgeconv` tags edgeconv's own tasks.
+        include_path: a directory of task YAMLs (default: edgeconv's tasks written over `data`); names not found
+            there are looked up in lm-eval's own tasks.
+        data: the evaluation data directory for edgeconv's tasks (default: the shipped held-out set).
+        runtime: auto (from `model`), torch or gguf.
+        limit: at most this many documents per task (a fraction below 1).
+        max_length: context in tokens (both runtimes; longer texts are scored in windows).
+        batch_size: the hf model's batch size.
+        threads: CPU threads (default: all); device, dtype: the hf model's (default CPU, float32).
+
+    Returns:
+        dict: lm_eval.simple_evaluate's output; `["results"][task]["acc,none"]` etc.
+    """
+    from edgeconv.evaluation.lm_eval_run import run_lm_eval
+
+    path = Path(model)
+    if not path.exists():
+        from edgeconv.io.checkpoint import resolve_model_path
+
+        path = resolve_model_path(model)
+    return run_lm_eval(path, tasks, runtime=None if runtime == "auto" else runtime,
+                       include_path=Path(include_path) if include_path else None, data=Path(data) if data else None,
+                       limit=limit, max_length=max_length, batch_size=batch_size, threads=threads, device=device,
+                       dtype=dtype)
+
+
 def upcycle(dense: str | Path, out: str | Path, *, runs: str = "auto", threshold: float = 0.9, top_k: int = 1,
             split: int = 1, data: str | Path | None = None, tokens: int = 16384, seed: int = 0,
             force: bool = False):

@@ -920,9 +920,17 @@ def _is_main_process() -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("--lm-eval-tasks", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write lm-eval task YAMLs over the same data into this directory, and stop.")
+@click.option("--lm-eval", "lm_eval_names", metavar="TASKS", default=None,
+              help="Run lm-evaluation-harness instead: task names, tags or globs, comma separated (`edgeconv`: "
+                   "edgeconv's tasks over --data). A checkpoint runs in lm-eval's hf model (CPU, float32 unless "
+                   "--device/--dtype), a .gguf in edgeconv's llama-cpp-python model.")
+@click.option("--include-path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="--lm-eval: a directory of task YAMLs [default: edgeconv's tasks written over --data to a "
+                   "temporary directory]; names not there come from lm-eval's own tasks.")
+@click.option("--limit", type=float, default=None, help="--lm-eval: at most this many documents per task.")
 @click.option("--no-progress", is_flag=True)
 def eval_(model, runtime, data, tokens, window, examples, choices, threads, device, dtype, layer_by_layer, out_path,
-          as_json, lm_eval_tasks, no_progress):
+          as_json, lm_eval_tasks, lm_eval_names, include_path, limit, no_progress):
     """Held-out perplexity per corpus, exact match per skill and multiple-choice accuracy, on torch, GGUF
     (llama-cpp-python) or ONNX (onnxruntime, onnxruntime-genai).
 
@@ -936,6 +944,7 @@ def eval_(model, runtime, data, tokens, window, examples, choices, threads, devi
       edgeconv eval dense-F16.gguf
       edgeconv eval --lm-eval-tasks tasks/ && lm_eval --model hf --model_args pretrained=dense/ \\
           --include_path tasks/ --tasks edgeconv
+      edgeconv eval dense-F32.gguf --lm-eval edgeconv   the same tasks through lm-eval, in llama.cpp
     """
     from edgeconv.demo import EVAL_DATA
 

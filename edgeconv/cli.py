@@ -722,8 +722,8 @@ def export(model, precision, out_path, force, **params):
     type (see the README's parity table). GGUF: NAME.parity.json, an Ollama NAME.Modelfile and a model card
     NAME.md are written beside it; the real per-tensor type mix is reported (k-quants silently fall back
     to other types for tensors whose input width is not a multiple of 256). ONNX: --out is a directory with
-    model.onnx (KV cache inputs/outputs), config, tokenizer, parity.json and manifest.json; with
-    --format onnx-genai it also holds genai_config.json and runs in onnxruntime-genai as is.
+    model.onnx (KV cache inputs/outputs), config, tokenizer, parity.json, a model card README.md and
+    manifest.json; with --format onnx-genai it also holds genai_config.json and runs in onnxruntime-genai as is.
 
     \b
     Examples:
@@ -1092,7 +1092,15 @@ def build(dry_run, force, no_progress, **params):
 @click.option("--expect-sha256", default=None, metavar="HASH",
               help="The sha256 of the bundle's manifest.json that `edgeconv build` printed: refuse a bundle whose "
                    "manifest was rewritten (e.g. one back from a device).")
-def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir, expect_sha256):
+@click.option("--adb", "adb_serial", is_flag=False, flag_value="", default=None, metavar="[SERIAL]",
+              help="Run llama.cpp's llama-bench on an Android phone over adb (the one connected, or SERIAL) instead: "
+                   "pushes the model, eval text and --llama-bench to /data/local/tmp/edgeconv/, pulls the JSON "
+                   "into OUT/android-SERIAL/ and reports it. Put it after BUNDLE.")
+@click.option("--llama-bench", "llama_bench", type=click.Path(exists=True, path_type=Path), default=None,
+              help="--adb: the Android build of llama-bench, or its install directory (bin/, lib/); llama-perplexity "
+                   "next to it runs too.")
+def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir, expect_sha256, adb_serial,
+           llama_bench):
     """Run a bundle's bench.py here (or the same runner on a .gguf / onnx-genai artifact).
 
     A bundle is checked first, here, before anything of it runs: every file's size and sha256 against
@@ -1108,7 +1116,20 @@ def bench_(path, with_teacher, teacher_model, threads, quick, eval_data, out_dir
       edgeconv bench dist/demo-moe-laptop --teacher
       edgeconv bench dist/demo-moe-laptop --expect-sha256 HASH
       edgeconv bench model-Q4_K_M.gguf --threads 4
+      edgeconv bench dist/demo-moe-android --adb --llama-bench install-android/
     """
+    if adb_serial is not None or llama_bench is not None:
+        if adb_serial is None or llama_bench is None or with_teacher or teacher_model or eval_data:
+            raise EdgeconvError("--adb and --llama-bench go together, without --teacher or --eval-data",
+                                "edgeconv bench BUNDLE --adb [SERIAL] --llama-bench ANDROID_LLAMA_BENCH")
+        from edgeconv.device.adb import bench_android
+
+        done = bench_android(path, llama_bench, out_dir, serial=adb_serial or None, threads=threads, quick=quick,
+                             expect_sha256=expect_sha256)
+        for line in done["summary"]:
+            click.echo(f"  {line}")
+        console.print(f"results in {done['dir']}/ (report: {done['report']})")
+        return
     from edgeconv.device.local_bench import bench, comparison_rows
 
     results = bench(path, out_dir, teacher=teacher_model, with_teacher=with_teacher or bool(teacher_model),

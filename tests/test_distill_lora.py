@@ -5,9 +5,10 @@ import json
 import signal
 
 import pytest
+import test_distill
 import torch
 from safetensors.torch import load_file
-from test_distill import SUBPROCESS_ENV, cli_process, held_out_kl, losses, one_thread, pair  # noqa: F401
+from test_distill import SUBPROCESS_ENV, cli_process, held_out_kl, losses
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeconv.config import DistillConfig
@@ -15,6 +16,8 @@ from edgeconv.stages.distill import distill, distill_work
 from edgeconv.training.lora import merged, trainable_counts, with_adapters
 from edgeconv.training.packing import pack_tokens
 from edgeconv.training.trainer import KILL_AFTER_STEP
+
+pair, one_thread = test_distill.pair, test_distill.one_thread  # the same fixtures: a tiny teacher, its student
 
 RUN = ["--tokens", "2048", "--seq-len", "32", "--batch-size", "8", "--lr", "3e-3", "--lora-rank", "4",
        "--checkpoint-every", "3", "--no-progress"]

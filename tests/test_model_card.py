@@ -108,3 +108,37 @@ def test_the_bench_headline_replaces_its_placeholder():
     assert "not measured" not in new and "2,000 tok/s" in new and "shakespeare 100.0" in new and new.endswith("more\n")
     assert with_bench(new, results, "here") == new  # idempotent: a skipped bench stage changes nothing
     assert ModelCard(new).data.base_model == "x"
+
+
+def test_onnx_export_card(student, tmp_path):
+    """An ONNX export's directory holds its card too: an int8 export is a quantization of the teacher's student."""
+    from edgeconv.stages.export_onnx import export_onnx
+
+    export_onnx(student, tmp_path / "onnx", "int8")
+    data, text = card_data(tmp_path / "onnx" / "README.md")
+    assert data["base_model"] == "tiny-qwen3-moe" and data["base_model_relation"] == "quantized"
+    assert data["library_name"] == "onnxruntime" and data["pipeline_tag"] == "text-generation"
+    assert {"onnx", "moe-to-dense", "qwen3"} <= set(data["tags"]) and data["license"] == "mit"
+    assert "| perplexity, artifact / torch |" in text and "quantized for onnxruntime" in text
+    assert "README.md" in read_manifest(tmp_path / "onnx")["files"]  # hashed like every other file
+
+
+def test_onnx_genai_export_card(tmp_path):
+    """An onnxruntime-genai export's card names the execution provider it was built for; fp32 is no quantization."""
+    import tiny
+
+    from edgeconv.families import family_for
+    from edgeconv.planning.calibration_free import simple_plan
+    from edgeconv.stages.export_onnx import export_onnx_genai
+
+    src = tiny.add_tokenizer(tiny.save(tiny.build_model("Qwen3MoeForCausalLM", seed=5, hidden_size=64, head_dim=16),
+                                       tmp_path / "wide-moe"))
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# a tiny teacher\n")
+    dense = tmp_path / "wide-dense"
+    assemble(src, simple_plan(family_for(tiny.config_of(src)), "ids:1,4"), dense, progress=False)
+    export_onnx_genai(dense, tmp_path / "genai", "fp32")
+    data, text = card_data(tmp_path / "genai" / "README.md")
+    assert data["base_model"] == "wide-moe" and "base_model_relation" not in data
+    assert data["library_name"] == "onnxruntime-genai" and data["pipeline_tag"] == "text-generation"
+    assert {"onnx", "onnxruntime-genai", "moe-to-dense"} <= set(data["tags"]) and data["license"] == "apache-2.0"
+    assert "built for the CPU execution provider" in text and "og.Model(" in text

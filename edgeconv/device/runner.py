@@ -34,11 +34,13 @@ if __name__ == "__main__" and sys.path and not getattr(sys.flags, "safe_path", F
 
 import argparse
 import datetime
+import glob
 import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -278,6 +280,77 @@ def default_threads(manifest: dict):
     return min(wanted, cores), wanted
 
 
+def parse_nvpmodel(text: str) -> dict:
+    """`nvpmodel -q` -> {"mode": "MAXN", "id": 0}: the line "NV Power Mode: NAME", then the mode's number."""
+    mode, mode_id, seen = None, None, False
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if line.startswith("NV Power Mode:"):
+            mode, seen = line.split(":", 1)[1].strip() or None, True
+        elif seen and line.isdigit():
+            mode_id = int(line)
+            break
+    return {"mode": mode, "id": mode_id}
+
+
+def parse_jetson_clocks(text: str):
+    """`jetson_clocks --show` -> True when it pinned the clocks (MinFreq = MaxFreq on every online CPU and on the
+    GPU, what `sudo jetson_clocks` sets), False when some still scale, None when the output says neither."""
+    pinned = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not (line.startswith("cpu") or line.startswith("GPU ")) or "MinFreq=" not in line:
+            continue
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if fields.get("Online") == "0" or "MaxFreq" not in fields:
+            continue
+        pinned.append(fields["MinFreq"] == fields["MaxFreq"])
+    return all(pinned) if pinned else None
+
+
+def _sysfs_clocks_pinned(sysfs: str):
+    """jetson_clocks' effect read from sysfs (its --show needs root): min = max frequency on every CPU's cpufreq
+    and the GPU's devfreq. None when none of them can be read."""
+    pairs = [(d + "/scaling_min_freq", d + "/scaling_max_freq")
+             for d in sorted(glob.glob(sysfs + "/devices/system/cpu/cpu[0-9]*/cpufreq"))]
+    pairs += [(d + "/min_freq", d + "/max_freq") for d in sorted(glob.glob(sysfs + "/class/devfreq/*gpu*"))]
+    pinned = []
+    for lo, hi in pairs:
+        a, b = _read(lo), _read(hi)
+        if a and b:
+            pinned.append(a == b)
+    return all(pinned) if pinned else None
+
+
+def _tool_output(args: list):
+    """ARGS' output, run as this user, else through `sudo -n` (never asks for a password); None if neither ran."""
+    for cmd in (args, ["sudo", "-n"] + args):
+        if cmd[0] == "sudo" and not shutil.which("sudo"):
+            continue
+        out = _command(cmd)
+        if out:
+            return out, " ".join(cmd)
+    return None, None
+
+
+def jetson_power() -> dict:
+    """The Jetson's power mode (`nvpmodel -q`) and whether `jetson_clocks` pinned its clocks, each None where the
+    tool is not installed: a Jetson's speed depends on both (MAXN with pinned clocks decodes far faster than a
+    15 W mode left to scale), so its figures mean little without them."""
+    out = {"nvpmodel": None, "jetson_clocks": None}
+    if shutil.which("nvpmodel"):
+        text, how = _tool_output(["nvpmodel", "-q"])
+        out["nvpmodel"] = dict(parse_nvpmodel(text), source=how)
+    if shutil.which("jetson_clocks"):
+        text, how = _tool_output(["jetson_clocks", "--show"])
+        on = parse_jetson_clocks(text) if text else None
+        if on is None:
+            sysfs = os.environ.get("EDGECONV_SYSFS", "/sys")  # tests point it at a copy
+            on, how = _sysfs_clocks_pinned(sysfs), "min = max frequency in " + sysfs
+        out["jetson_clocks"] = {"on": on, "source": how}
+    return out
+
+
 def device_info() -> dict:
     cores = os.cpu_count()
     usable = usable_cores()
@@ -298,6 +371,7 @@ def device_info() -> dict:
         "python": platform.python_version(),
         "hostname": platform.node(),
     }
+    device.update(jetson_power())  # nvpmodel, jetson_clocks: None where those tools are not installed
     return device
 
 
@@ -1114,6 +1188,18 @@ def runtime_version(fmt: str):
         return None
 
 
+def power_text(device: dict) -> str:
+    """"nvpmodel MAXN (0), jetson_clocks on", or "" where neither tool was there."""
+    parts = []
+    nvp, clocks = device.get("nvpmodel"), device.get("jetson_clocks")
+    if nvp:
+        parts.append("nvpmodel {}{}".format(nvp.get("mode") or "unknown",
+                                            " ({})".format(nvp["id"]) if nvp.get("id") is not None else ""))
+    if clocks:
+        parts.append("jetson_clocks " + {True: "on", False: "off"}.get(clocks.get("on"), "unknown"))
+    return ", ".join(parts)
+
+
 def summary(r: dict) -> str:
     lines = ["{} ({}, {}) on {} {}".format(r["label"], r["role"], r["model"]["format"],
                                           r["device"]["processor"] or r["device"]["machine"],
@@ -1124,6 +1210,9 @@ def summary(r: dict) -> str:
                                                             r["runtime"]["context"]),
              "  load       {:.2f} s, RSS after load {} MB, peak RSS {} MB".format(
                  r["load_s"], r["rss_after_load_mb"], r["peak_rss_mb"])]
+    power = power_text(r["device"])
+    if power:
+        lines.append("  power      " + power)
     for s in r["speed"]:
         lines.append("  prompt {:>5}  TTFT {:8.1f} ms  prefill {:9.1f} tok/s  decode {:8.1f} tok/s".format(
             s["prompt_tokens"], s["ttft_ms"], s["prefill_tok_s"], s["decode_tok_s"]))

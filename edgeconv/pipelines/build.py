@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgeconv.config import CALIBRATION_TOKENS, DEFAULT_DISTILL_TOKENS, ConfigError, literal
+from edgeconv.device.bundle_runtime import genai_provider
 from edgeconv.device.host_plan import HostPlan, plan_host, tree_bytes
 from edgeconv.device.memory_fit import Config, Estimate, estimate, gb, largest_fit, tensor_shapes
 from edgeconv.device.profiles import TargetProfile, get_target
@@ -168,7 +169,7 @@ def build_stages(plan: BuildPlan, *, data: Path | None = None, distill_data: Pat
     stages = convert_stages(plan.model, student, data=data, tokens=tokens, groups=plan.candidate.groups,
                             distill_config=distill_config, distill_data=distill_data, progress=progress)
     export = ExportStage(student, plan.work / "export", name=f"{plan.name}-dense", fmt=plan.fmt,
-                         quant=plan.candidate.quant)
+                         quant=plan.candidate.quant, execution_provider=genai_provider(plan.target))
     stages += [
         export,
         BundleStage(plan.out, name=f"{plan.name}-dense", export=export.out, artifact=export.artifact, fmt=plan.fmt,
@@ -263,7 +264,10 @@ def headline(result: BuildResult) -> str:
             f"multiple choice {acc.get('choice_acc', 0):.1%} (bench.py --quick)",
         ]
     manifest_hash = sha256_file(result.bundle / "manifest.json")
-    lines += [f"  on device  {plan.target.bench.command}   (in the bundle; setup: {plan.target.bench.setup})",
+    # The bundle's own lines: its format's runtime (edgeconv.device.bundle_runtime), as its README says.
+    bench = m.get("bench") if isinstance(m.get("bench"), dict) and m["bench"].get("setup") else plan.target.bench
+    bench = bench if isinstance(bench, dict) else {"setup": bench.setup, "command": bench.command}
+    lines += [f"  on device  {bench.get('command') or 'see its README.md'}   (in the bundle; setup: {bench['setup']})",
               f"  manifest   sha256 {manifest_hash}",
               f"  back here  edgeconv bench {result.bundle} --expect-sha256 {manifest_hash}   (refuses a bundle "
               "whose manifest was rewritten)",

@@ -2,13 +2,14 @@
 was made.
 
 Written into every dense checkpoint edgeconv writes (assemble, distill, prune: `README.md`), beside every GGUF export
-(`NAME.md`) and into every device bundle (`README.md`). The front matter (huggingface_hub's `ModelCardData`):
+(`NAME.md`), into every ONNX export's directory and every device bundle (`README.md`). The front matter
+(huggingface_hub's `ModelCardData`):
 
     base_model           the model it was made from (the MoE teacher): its hub id, else its directory name
-    base_model_relation  `quantized` for a GGUF; not set for a dense student, since none of the Hub's relations
-                         (adapter, merge, quantized, finetune) is what it is: the card says it in words (experts
-                         pruned and merged into a dense model, then distilled from the teacher)
-    library_name         transformers (checkpoints), llama-cpp-python (GGUF), onnxruntime-genai (its bundles)
+    base_model_relation  `quantized` for a GGUF or a quantized ONNX export; not set for a dense student, since none
+                         of the Hub's relations (adapter, merge, quantized, finetune) is what it is: the card says
+                         it in words (experts pruned and merged into a dense model, then distilled from the teacher)
+    library_name         transformers (checkpoints), llama-cpp-python (GGUF), onnxruntime (ONNX), onnxruntime-genai
     pipeline_tag         text-generation
     tags                 moe-to-dense, distillation (when distilled), gguf (GGUF), the model types (e.g. qwen3,
                          qwen3_moe), edgeconv
@@ -170,9 +171,9 @@ def _m(params: int | None) -> str:
     return f"{params / 1e6:,.2f} M" if params else "?"
 
 
-def what_it_is(f: ModelFacts, quantized: bool = False) -> str:
+def what_it_is(f: ModelFacts, quantized: bool = False, runtime: str = "llama.cpp") -> str:
     """The paragraph that says what the model is, its relation to its base model in words (`quantized`: said of a
-    GGUF of it, whose card sets base_model_relation: quantized)."""
+    GGUF of it, or an ONNX export (`runtime`: onnxruntime), whose card sets base_model_relation: quantized)."""
     src = f"`{f.lineage.source}`" if f.lineage.source else "its source"
     arch = f"`{f.architecture}`" if f.architecture else "model"
     if f.lineage.stage == "prune":
@@ -181,7 +182,7 @@ def what_it_is(f: ModelFacts, quantized: bool = False) -> str:
                 f"(FFN {_n(p.get('source_ffn_width', '?'))} -> {_n(p.get('ffn_width', '?'))} channels, "
                 f"{_n(p.get('kv_heads', '?'))} key/value heads, by activation importance, Minitron-style). "
                 "It is not a fine-tune, a merge or a quantization of it: its channels are a subset of the source's."
-                + (" This file is a llama.cpp quantization of that pruned model (`base_model_relation: quantized`)."
+                + (f" This file is a {runtime} quantization of that pruned model (`base_model_relation: quantized`)."
                    if quantized else ""))
     t = f.teacher or {}
     teacher = (f"the Mixture-of-Experts model {src} (`{t.get('architecture', '?')}`, {t.get('num_layers', '?')} "
@@ -199,7 +200,7 @@ def what_it_is(f: ModelFacts, quantized: bool = False) -> str:
     else:
         return f"A {arch} of {_m(f.params)} parameters."
     if quantized:
-        said = (f"{relation}, then quantized for llama.cpp (this file). The Hub's relations (adapter, merge, "
+        said = (f"{relation}, then quantized for {runtime} (this file). The Hub's relations (adapter, merge, "
                 "quantized, finetune) name one step only: `base_model_relation` is `quantized`, the last one.")
     else:
         said = (f"{relation}. None of the Hub's relations (adapter, merge, quantized, finetune) describes that, so "
@@ -366,14 +367,60 @@ def _imatrix_line(info: dict | None) -> str:
             f"{_n(info.get('chunks'))} sequences), {_n(info.get('tensors'))} tensors")
 
 
+def onnx_card(f: ModelFacts, artifact: str, fmt: str, precision: str, report: dict) -> str:
+    """README.md in an ONNX export's directory (`fmt` onnx: optimum's model.onnx for onnxruntime; onnx-genai: an
+    onnxruntime-genai model): an export of the checkpoint `f` describes, `quantized` unless fp32."""
+    own = f.lineage.source is None  # a model edgeconv did not make: the export is one of that model
+    base = f if not own else ModelFacts(**{**f.__dict__, "lineage": Lineage(f.name, False, f.lineage.license, None)})
+    genai, quantized = fmt == "onnx-genai", precision != "fp32"
+    runtime = LIBRARY_OF[fmt]
+    provider = report.get("execution_provider", "cpu")
+    lines = [front_matter(base, library_name=runtime, relation="quantized" if quantized else None,
+                          tags=tags_of(f, "onnx", *(["onnxruntime-genai"] if genai else []))),
+             f"# {artifact}", "",
+             (f"An onnxruntime-genai model ({precision}, built for the {provider.upper()} execution provider) of "
+              f"`{f.name}`: runs in onnxruntime-genai as it is (`genai_config.json`)." if genai else
+              f"ONNX ({precision}) of `{f.name}` for onnxruntime: `model.onnx` with its KV cache as inputs and "
+              "outputs, as optimum exports it (text-generation-with-past).")
+             + ("" if own else f" `{f.name}`: " + what_it_is(f, quantized=quantized, runtime=runtime)), ""]
+    method = method_table(f)
+    if method:
+        lines += ["## Method", "", *method, ""]
+    conversion = report.get("conversion")
+    lines += ["## Export", "", f"- {report.get('exporter', '?')}, {precision}"
+              + (f"; {conversion}" if isinstance(conversion, str) else ""),
+              "", "## Parity", "", *parity_table(report), "",
+              f"- source checkpoint: `{f.name}` ({f.architecture or '?'}); the full report: `parity.json`",
+              f"- produced by edgeconv {__version__}", "", "## Use", ""]
+    if genai:
+        lines += [f"`pip install {'onnxruntime-genai-cuda' if provider == 'cuda' else 'onnxruntime-genai'}`, then:",
+                  "", "```python", "import onnxruntime_genai as og", 'model = og.Model("model")  # this directory',
+                  "tokenizer = og.Tokenizer(model)", "params = og.GeneratorParams(model)",
+                  "params.set_search_options(max_length=64)", "generator = og.Generator(model, params)",
+                  'generator.append_tokens(tokenizer.encode("To be, or not to be"))',
+                  "while not generator.is_done():", "    generator.generate_next_token()",
+                  "print(tokenizer.decode(generator.get_sequence(0)))", "```"]
+    else:
+        lines += ["`pip install onnxruntime`; to generate, optimum's `ORTModelForCausalLM` runs it with its tokenizer:",
+                  "", "```python", "from optimum.onnxruntime import ORTModelForCausalLM",
+                  "from transformers import AutoTokenizer", 'model = ORTModelForCausalLM.from_pretrained("model")',
+                  'tokenizer = AutoTokenizer.from_pretrained("model")', "```"]
+    return "\n".join(lines) + "\n"
+
+
+LIBRARY_OF = {"gguf": "llama-cpp-python", "onnx": "onnxruntime", "onnx-genai": "onnxruntime-genai"}
+
+
 def bundle_card(f: ModelFacts, *, title: str, intro: str, fmt: str, parity: dict, estimate: str,
-                tags: list[str], device: list[str]) -> str:
+                tags: list[str], device: list[str], quantized: bool | None = None) -> str:
     """README.md of a device bundle: front matter, what the model is, the method, parity, the bench headline
-    (filled in by the build's bench stage: `with_bench`), then `device`: how to run it on the device."""
+    (filled in by the build's bench stage: `with_bench`), then `device`: how to run it on the device.
+    `quantized`: base_model_relation quantized (default: for a GGUF)."""
     gguf = fmt == "gguf"
-    lines = [front_matter(f, library_name="llama-cpp-python" if gguf else "onnxruntime-genai",
-                          relation="quantized" if gguf else None, tags=tags_of(f, *tags)),
-             f"# {title}", "", intro, "", what_it_is(f, quantized=gguf), ""]
+    quantized = gguf if quantized is None else quantized
+    lines = [front_matter(f, library_name=LIBRARY_OF.get(fmt, "onnxruntime-genai"),
+                          relation="quantized" if quantized else None, tags=tags_of(f, *tags)),
+             f"# {title}", "", intro, "", what_it_is(f, quantized=quantized, runtime=LIBRARY_OF.get(fmt, fmt)), ""]
     method = method_table(f)
     if method:
         lines += ["## Method", "", *method, ""]

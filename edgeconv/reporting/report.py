@@ -197,6 +197,9 @@ def results_table(rs: list[BenchResult], names: dict[int, str]) -> str:
     header = ["result", "role", "target", "device", "runtime", "model", "model MB", "peak RSS MB", "load s",
               "prompt", "TTFT ms", "prefill tok/s", "decode tok/s"]
     header += [f"ppl {c}" for c in cs] + ["exact match", "choice acc"]
+    power = any(r.power for r in rs)  # Jetson figures depend on the power mode: shown whenever one was recorded
+    if power:
+        header.insert(4, "power")
     rows = []
     for r in rs:
         first = r.first_speed
@@ -209,6 +212,8 @@ def results_table(rs: list[BenchResult], names: dict[int, str]) -> str:
                fmt(r.decode)]
         row += [fmt(r.metric(f"perplexity:{c}"), 2) for c in cs]
         row += [_pct(r.metric("exact_match_mean")), _pct(r.metric("choice_acc"))]
+        if power:
+            row.insert(4, r.power or "-")
         rows.append(row)
     return table(header, rows)
 
@@ -221,6 +226,13 @@ def speed_table(rs: list[BenchResult], names: dict[int, str]) -> str:
     rows = [[names[id(r)], str(s.prompt_tokens), fmt(s.ttft_ms), fmt(s.prefill_tok_s), fmt(s.decode_tok_s)]
             for r in rs for s in sorted(r.speed, key=lambda s: s.prompt_tokens)]
     return table(["result", "prompt tokens", "TTFT ms", "prefill tok/s", "decode tok/s"], rows)
+
+
+def llama_bench_table(rs: list[BenchResult], names: dict[int, str]) -> str:
+    """llama-bench's tests as it names them (pp512, tg128), mean and standard deviation over its repetitions."""
+    rows = [[names[id(r)], str(t.get("test")), fmt(t.get("avg_ts")), fmt(t.get("stddev_ts"))]
+            for r in rs for t in r.llama_bench or []]
+    return table(["result", "llama-bench test", "tok/s", "± stddev"], rows)
 
 
 def comparison_table(rows: list[Row]) -> str:
@@ -252,6 +264,13 @@ def markdown(rs: list[BenchResult], names: dict[int, str], pairs, res: ReportRes
         "",
         speed_table(rs, names),
         "",
+    ]
+    if any(r.llama_bench for r in rs):
+        parts += ["## llama-bench", "",
+                  "Read from llama.cpp's `llama-bench -o json` (bench.sh, `edgeconv bench --adb`): prefill is its pp "
+                  "test, decode its tg test, which decodes from an empty cache rather than after the prompt; it "
+                  "measures neither memory nor load time.", "", llama_bench_table(rs, names), ""]
+    parts += [
         "## Teacher vs student",
         "",
     ]

@@ -1,7 +1,9 @@
 """Reading bench.py's results.json files (schema "edgeconv-bench/1") into validated records.
 
 A file holds one result, a JSON list of results, or an `edgeconv bench --teacher` comparison
-{"student": result, "teacher": result, ...}. Anything else is refused with one line naming the file and the field.
+{"student": result, "teacher": result, ...}; or it is llama.cpp's `llama-bench -o json` / `-o jsonl` output (from
+bench.sh, `edgeconv bench --adb` or your own run), read by edgeconv.reporting.llama_bench. Anything else is refused
+with one line naming the file and the field.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeconv.errors import EdgeconvError
+from edgeconv.reporting import llama_bench
 
 SCHEMA = "edgeconv-bench/1"
+HINT = "pass results.json files written by bench.py, or llama-bench JSON (-o json or jsonl)"
 
 
 class _Open(BaseModel):
@@ -68,6 +72,7 @@ class BenchResult(_Open):
     notes: list[str] = Field(default_factory=list)
     started: str | None = None
     seconds: float | None = None
+    llama_bench: list[dict] | None = None  # llama-bench's own tests, when the result was read from its output
     source: str = ""  # the file it was read from (not part of bench.py's schema)
 
     @property
@@ -107,6 +112,19 @@ class BenchResult(_Open):
         return str(name)
 
     @property
+    def power(self) -> str | None:
+        """A Jetson's power state as bench.py and bench.sh record it ("nvpmodel MAXN (0), jetson_clocks on"); None
+        where neither nvpmodel nor jetson_clocks was installed."""
+        parts = []
+        nvp, clocks = self.device.get("nvpmodel"), self.device.get("jetson_clocks")
+        if isinstance(nvp, dict):
+            mode_id = f" ({nvp['id']})" if nvp.get("id") is not None else ""
+            parts.append(f"nvpmodel {nvp.get('mode') or 'unknown'}{mode_id}")
+        if isinstance(clocks, dict):
+            parts.append("jetson_clocks " + {True: "on", False: "off"}.get(clocks.get("on"), "unknown"))
+        return ", ".join(parts) or None
+
+    @property
     def device_key(self) -> tuple:
         """What makes two results comparable as "the same machine"."""
         d = self.device
@@ -124,10 +142,15 @@ def load_results(paths: list[Path]) -> list[BenchResult]:
             raise EdgeconvError(f"{path} does not exist" if not path.exists() else f"{path} is not a file",
                                 "pass results.json files written by bench.py")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            recs = llama_bench.records(text)  # llama.cpp's llama-bench -o json / jsonl
+            if recs is not None:
+                out += [_parse(path, "", raw, None) for raw in llama_bench.to_results(recs, path)]
+                continue
+            data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:
             where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
-            raise EdgeconvError(f"{path} is not valid JSON{where}", "pass results.json files written by bench.py")
+            raise EdgeconvError(f"{path} is not valid JSON{where}", HINT)
         for where, raw, role in _entries(path, data):
             out.append(_parse(path, where, raw, role))
     # The same run read twice (a comparison file next to the results files it was made from) counts once.

@@ -27,8 +27,9 @@ class ExportStage(StageBase):
     force_redoes = True
     replaces = True  # OUT.work/export is the build's own
 
-    def __init__(self, student: Path, out: Path, *, name: str, fmt: str, quant: str):
+    def __init__(self, student: Path, out: Path, *, name: str, fmt: str, quant: str, execution_provider: str = "cpu"):
         self.student, self.out, self.artifact_name, self.fmt, self.quant = Path(student), Path(out), name, fmt, quant
+        self.provider = execution_provider  # onnx-genai: what the model is built for (edgeconv.device.bundle_runtime)
 
     @property
     def artifact(self) -> Path:
@@ -36,12 +37,15 @@ class ExportStage(StageBase):
         return self.out / (f"{self.artifact_name}-{self.quant}.gguf" if self.fmt == "gguf" else "model")
 
     def describe(self) -> str:
-        return (f"{self.fmt} {self.quant}; artifact logits vs the torch student, within the tolerance of "
+        built = f" for the {self.provider.upper()} execution provider" if self.fmt == "onnx-genai" else ""
+        return (f"{self.fmt} {self.quant}{built}; artifact logits vs the torch student, within the tolerance of "
                 f"{self.quant}")
 
     def identity(self) -> Identity:
-        return Identity({"student": sha256_file(self.student / "manifest.json")},
-                        {"format": self.fmt, "quant": self.quant, "name": self.artifact_name},
+        options = {"format": self.fmt, "quant": self.quant, "name": self.artifact_name}
+        if self.fmt == "onnx-genai" and self.provider != "cpu":  # cpu: the key builds made before it was an option
+            options["execution_provider"] = self.provider
+        return Identity({"student": sha256_file(self.student / "manifest.json")}, options,
                         {"student": str(self.student)})
 
     def run(self, tmp: Path) -> dict:
@@ -52,13 +56,18 @@ class ExportStage(StageBase):
         else:
             from edgeconv.stages.export_onnx import export_onnx_genai
 
-            export_onnx_genai(self.student, tmp / self.artifact.name, self.quant)
+            export_onnx_genai(self.student, tmp / self.artifact.name, self.quant, execution_provider=self.provider)
         return {}
 
     def parity(self) -> dict:
-        """The parity report of the published artifact."""
+        """The parity report of the published artifact (an ONNX directory's parity.json, else its manifest's
+        summary)."""
         if self.fmt == "gguf":
             return json.loads(self.artifact.with_suffix(".parity.json").read_text())
+        try:
+            return json.loads((self.artifact / "parity.json").read_text())
+        except (OSError, ValueError):
+            pass
         manifest = read_manifest(self.artifact) or {}
         return manifest.get("summary", manifest)
 

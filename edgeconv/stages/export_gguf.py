@@ -24,6 +24,7 @@ from edgeconv.errors import EdgeconvError
 from edgeconv.export.gguf import llamacpp
 from edgeconv.export.gguf.arch import gguf_arch_for, untruncated_yarn
 from edgeconv.export.gguf.writer import check_free_space, disk_nearly_full, is_disk_full, not_enough_space, plan_gguf
+from edgeconv.export.ollama import modelfile
 from edgeconv.export.parity import (
     PROMPTS,
     Parity,
@@ -170,7 +171,8 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
              f"GGUF {quant} export of {ckpt.path.name}")
         report["sha256"] = sha256_file(staged)
         (tmp / f"{stem.name}.parity.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / f"{stem.name}.Modelfile").write_text(_modelfile(out.name))
+        (tmp / f"{stem.name}.Modelfile").write_text(modelfile(out.name, ckpt.path, context=4096,
+                                                              name=f"{stem.name}.Modelfile"))
         (tmp / f"{stem.name}.md").write_text(gguf_card(facts(ckpt.path), out.name, quant, report)
                                               + (_drift_section(drift) if drift is not None else ""))
         for f in tmp.iterdir():
@@ -239,11 +241,3 @@ def _drift_section(drift: dict) -> str:
             "The GGUF matches torch run with the truncated range (the parity above); against the model as configured "
             f"it drifts by {marks} (largest |logit difference| relative to the largest logit, by position), top-1 "
             f"agreement {drift['top1_agreement']:.1%}. The drift grows with the position.\n")
-
-
-def _modelfile(name: str) -> str:
-    return f"""# Ollama: ollama create my-model -f THIS_FILE && ollama run my-model
-FROM ./{name}
-PARAMETER temperature 0.7
-PARAMETER num_ctx 4096
-"""

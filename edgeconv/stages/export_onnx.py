@@ -2,9 +2,10 @@
 against torch, then (only then) publish the directory.
 
 `export_onnx` writes OUT/model.onnx (KV cache in and out, as optimum exports it), config.json, the tokenizer
-(told to produce input_ids and attention_mask only), parity.json and manifest.json. `export_onnx_genai`
+(told to produce input_ids and attention_mask only), parity.json, a model card README.md (huggingface_hub reads it:
+edgeconv.reporting.model_card.onnx_card) and manifest.json. `export_onnx_genai`
 writes the builder's directory (model.onnx, model.onnx.data, genai_config.json, tokenizer) plus the same
-two JSON files; it runs in onnxruntime-genai directly. Everything is built in a hidden temp directory beside
+card and two JSON files; it runs in onnxruntime-genai directly. Everything is built in a hidden temp directory beside
 OUT and renamed into place when parity passes; a failed check leaves only OUT.parity-failed.json.
 """
 
@@ -43,6 +44,7 @@ from edgeconv.io.output_dir import (
     write_manifest,
 )
 from edgeconv.quant import get_quant
+from edgeconv.reporting.model_card import CARD, facts, onnx_card
 
 
 @dataclass
@@ -89,6 +91,7 @@ def _publish(ckpt: Checkpoint, out: Path, tmp: Path, kind: str, stage: str, prec
     gate(parity, report, out.parent / f"{out.name}.parity-failed.json",
          f"{kind} {precision} export of {ckpt.path.name}")
     (tmp / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / CARD).write_text(onnx_card(facts(ckpt.path), out.name, stage, precision, report))  # the Hub's card
     entries = {name: {"bytes": size, "sha256": sha256_file(tmp / name)} for name, size in _sizes(tmp).items()}
     options = {"precision": precision, **{k: v for k, v in extra.items() if k == "execution_provider"}}
     inputs = {"model": str(ckpt.path), "fingerprint": ckpt.fingerprint}

@@ -287,8 +287,8 @@ if [ "$perplexity" = 1 ]; then
             echo "+ $llama_ppl $*" >&2
             echo "# edgeconv corpus $corpus: $llama_ppl $*" >> "$out/perplexity.txt"
             ppl_cmd=$(echo "$llama_ppl $*" | sed "s| -f $text | -f eval/CORPUS.txt |")
-            # llama.cpp logs from a background thread; seen here: a run exiting 0 whose last lines (the last
-            # chunk and "Final estimate") never reached the file. Such a run is repeated once.
+            # llama.cpp logs from a thread it never joins at exit (llama.cpp issue 22142): seen here, a run exiting 0
+            # whose last lines (the last chunk, "Final estimate") never reached the file. Such a run is repeated once.
             value="" attempt=0
             while [ -z "$value" ] && [ "$attempt" -lt 2 ]; do
                 attempt=$((attempt + 1)) rc=0

@@ -837,6 +837,9 @@ def _print_onnx(result) -> None:
                    "AdamW state does not fit (a 3 B student needs ~48 GB; frozen, 12 GB).")
 @click.option("--lora-alpha", type=float, default=DistillConfig.default("lora_alpha"),
               help="LoRA scale numerator: adapter output x alpha / R [default: 2 x rank].")
+@click.option("--gradient-checkpointing", is_flag=True, default=DistillConfig.default("gradient_checkpointing"),
+              help="Keep only each decoder layer's input and recompute the rest in the backward pass: activation "
+                   "memory about one layer's instead of every layer's, for one more forward per step.")
 @click.option("--seed", type=int, default=DistillConfig.default("seed"), show_default=True,
               help="Seed of the data order.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),

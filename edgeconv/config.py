@@ -254,6 +254,8 @@ class DistillConfig(Options):
                                                 "not fit in memory")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA scale numerator (adapter output x alpha / R); "
                                                              "default 2 x rank")
+    gradient_checkpointing: bool = Field(False, description="keep each decoder layer's input only and recompute its "
+                                                            "activations in the backward pass (one more forward)")
 
     @property
     def lora_alpha_value(self) -> float:
@@ -304,4 +306,5 @@ class DistillConfig(Options):
         """What decides the result (everything but how often to checkpoint, and k when nothing is cached)."""
         skip = NOT_IN_KEY + (("top_k",) if self.mode == "online" else ())
         skip += ("lora_rank", "lora_alpha") if not self.lora_rank else ()  # keys of full-training runs unchanged
+        skip += ("gradient_checkpointing",)  # the same gradients, recomputed: a run may resume with or without it
         return {k: v for k, v in self.model_dump().items() if k not in skip}

@@ -180,6 +180,10 @@ class DistillStage(StageBase):
 
         torch.manual_seed(cfg.seed)
         model = load_model(self.s_ckpt, "student", torch.float32, device)
+        if cfg.gradient_checkpointing:
+            # transformers' own: each decoder layer keeps its input and reruns its forward in the backward pass.
+            # Non-reentrant, so it needs no input that requires grad (with LoRA the embeddings are frozen).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_rank:
             model = with_adapters(model, cfg)
         started = time.perf_counter()

@@ -105,7 +105,7 @@ class CalibrateStage(StageBase):
             # On a CPU the read is a few seconds of a layer's minute (Qwen3-30B-A3B shape, 65,536 tokens), and
             # the layer read ahead would hold its stored bytes (1.2 GB there) on top of the one computing.
             prefetch = self.compute_device.type != "cpu"
-            logger.info(f"calibrate on {self.compute_device} in {self.dtype}, "
+            logger.debug(f"calibrate on {self.compute_device} in {self.dtype}, "
                         f"{'reading the next layer ahead' if prefetch else 'one layer in memory at a time'}")
             run_layer_by_layer(ckpt, family, ids, make_block, batch_size=self.batch_size, dtype=DTYPES[self.dtype],
                                device=self.compute_device, max_activation_bytes=self.max_activation_bytes,

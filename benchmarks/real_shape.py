@@ -592,6 +592,8 @@ class Run:
             models.remove(p)
         cmd = [*edgeconv_command(), "build", self.ckpt, "--target", "jetson", "--distill-tokens", 0, "--out", out,
                "--no-progress"]
+        if self.args.calibration_tokens:
+            cmd += ["--calibration-tokens", self.args.calibration_tokens]
         fields = self.measure("build", "build", cmd, out)
         extra = {}
         manifest = out / "manifest.json"
@@ -837,7 +839,8 @@ def main(argv=None) -> int:
                    help="GGUF types benchmarked for teacher and student (where exported); these GGUFs are kept on "
                         "disk for the bench stage (pass '' to keep none)")
     r.add_argument("--bench-reps", type=int, default=3, help="llama-bench -r")
-    r.add_argument("--calibration-tokens", type=int, default=None, help="edgeconv convert --tokens [its default]")
+    r.add_argument("--calibration-tokens", type=int, default=None,
+                   help="edgeconv convert --tokens and build --calibration-tokens [their default]")
     r.add_argument("--distill-tokens", type=int, default=16384, help="tokens of the cache fill and the distillation")
     r.add_argument("--distill-args", default="",
                    help="more `edgeconv distill` options for the distill stage, e.g. '--lora-rank 16 --grad-accum 4' "

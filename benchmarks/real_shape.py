@@ -198,8 +198,9 @@ def row_result(r: dict) -> str:
                 f"{s.get('quant')}; ppl ratio {p.get('ppl_ratio', float('nan')):.4f}, "
                 f"top-1 {p.get('top1_agreement') or 0:.1%}")
     if "parity" in x:
-        p = x["parity"]
-        return f"ppl ratio {p.get('ppl_ratio', float('nan')):.4f}, top-1 {p.get('top1_agreement', 0):.1%}"
+        p, d = x["parity"], x.get("parity_depth") or {}
+        cut = f" (parity on {d['layers']} of {d['of']} layers)" if d and d.get("layers", 0) < d.get("of", 0) else ""
+        return f"ppl ratio {p.get('ppl_ratio', float('nan')):.4f}, top-1 {p.get('top1_agreement', 0):.1%}{cut}"
     if "all_tensors_identical" in x:
         note = (f" ({len(x['same_bytes_shape_differs_by_trailing_1'])} written with a trailing 1-dim dropped)"
                 if x.get("same_bytes_shape_differs_by_trailing_1") else "")
@@ -453,14 +454,17 @@ class Run:
         need = n * BYTES_PER_PARAM[quant] + (0 if quant in ("F16", "BF16", "F32") else n * 2)
         self.need_disk(step, need)
         cmd = [*edgeconv_command(), "export", src, "--quant", quant, "--out", out]
+        if self.args.parity_layers is not None:
+            cmd += ["--parity-layers", self.args.parity_layers]
         fields = self.measure(step, f"export-{model}", cmd, out)
-        extra = {}
+        extra = {"options": f"--parity-layers {self.args.parity_layers}"} if self.args.parity_layers is not None else {}
         report = out.with_suffix(".parity.json")
         if report.exists():
             p = json.loads(report.read_text())
             extra["parity"] = {k: p.get(k) for k in ("max_abs_diff", "max_abs_logit", "top1_agreement", "ppl_ratio",
                                                      "positions_over_tolerance")}
             extra["type_mix"] = p.get("type_mix")
+            extra["parity_depth"] = p.get("parity_depth")
         self._digest(out, f"ours-{model}-{quant}", delete=not self._keep(model, quant))
         self.record(step, f"export-{model}", {**fields, "extra": extra})
 
@@ -839,6 +843,8 @@ def main(argv=None) -> int:
                    help="GGUF types benchmarked for teacher and student (where exported); these GGUFs are kept on "
                         "disk for the bench stage (pass '' to keep none)")
     r.add_argument("--bench-reps", type=int, default=3, help="llama-bench -r")
+    r.add_argument("--parity-layers", type=int, default=None,
+                   help="edgeconv export --parity-layers N (0: the whole file) [its default]")
     r.add_argument("--calibration-tokens", type=int, default=None,
                    help="edgeconv convert --tokens and build --calibration-tokens [their default]")
     r.add_argument("--distill-tokens", type=int, default=16384, help="tokens of the cache fill and the distillation")

@@ -148,7 +148,8 @@ def export(model: str | Path, out: str | Path, config: ExportConfig | None = Non
         model: the checkpoint directory (or a shipped demo name).
         out: the .gguf file, or the ONNX directory.
         config: an ExportConfig; `options` (its fields: format, quant, execution_provider, tokenizer_pre,
-            imatrix_data, imatrix_tokens, device, dtype, layer_by_layer) replace its fields.
+            imatrix_data, imatrix_tokens, device, dtype, layer_by_layer, allow_yarn_drift, parity_layers) replace its
+            fields.
         force: replace `out` if it exists.
 
     Returns:
@@ -166,7 +167,7 @@ def export(model: str | Path, out: str | Path, config: ExportConfig | None = Non
 
         return export_gguf(model, out, quant, force=force, tokenizer_pre=cfg.tokenizer_pre,
                            imatrix_data=cfg.imatrix_data, imatrix_tokens=cfg.imatrix_tokens, reference=reference,
-                           allow_yarn_drift=cfg.allow_yarn_drift)
+                           allow_yarn_drift=cfg.allow_yarn_drift, parity_layers=cfg.parity_layers)
     from edgeconv.stages.export_onnx import export_onnx, export_onnx_genai
 
     if cfg.format == "onnx":

@@ -714,6 +714,10 @@ def sweep(no_progress, **params):
               help="GGUF of a model whose YaRN has truncate=false (every released GPT-OSS teacher, e.g. for bench "
                    "--teacher): write llama.cpp's truncated YaRN, check parity against torch running that, and "
                    "record the drift from the model as configured, per position, in parity.json and the card.")
+@click.option("--parity-layers", type=click.IntRange(min=0), default=ExportConfig.default("parity_layers"),
+              help="GGUF: check parity on the file cut to its first N layers (their exact bytes; torch runs the same "
+                   "N), so a file larger than memory is checked in the memory of N layers; 0: the whole file. "
+                   "[default: the whole file when it fits in memory, else the fewest layers holding every kind]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def export(model, precision, out_path, force, **params):
     """Export a dense student or a MoE teacher to GGUF (llama.cpp) or ONNX, checked against torch first.

@@ -194,6 +194,8 @@ class ExportConfig(Options):
     layer_by_layer: bool | None = Field(None, description="the torch reference layer by layer; None: by memory")
     allow_yarn_drift: bool = Field(False, description="GGUF of a model whose YaRN has truncate=false (a GPT-OSS "
                                    "teacher): llama.cpp's truncated YaRN, the drift measured per position")
+    parity_layers: int | None = Field(None, ge=0, description="GGUF: the parity check on the file cut to its first "
+                                      "N layers (0: the whole file); None: the whole file when it fits in memory")
 
 
 class SweepConfig(Options):

@@ -184,8 +184,16 @@ def torch_logits(model_dir, token_ids: list[list[int]], config_overrides: dict |
     finally:
         ckpt.close()
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(config_overrides or {})).to(device).eval()
+    level = hf_logging.get_verbosity()
+    if "num_hidden_layers" in (config_overrides or {}):  # a depth cut: the deeper layers' weights go unused
+        hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **(config_overrides or {}))
+    finally:
+        hf_logging.set_verbosity(level)
+    model = model.to(device).eval()
     out = []
     with torch.no_grad():
         for ids in token_ids:

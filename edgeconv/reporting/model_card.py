@@ -274,8 +274,11 @@ def parity_table(report: dict) -> list[str]:
         ("perplexity, artifact / torch", f"{report['ppl_artifact']:.3f} / {report['ppl_torch']:.3f} = "
          f"{report['ppl_ratio']:.4f}", f"within {tol['ppl']:.0%}" if tol.get("ppl") is not None else "-"),
     ]
+    depth = report.get("parity_depth") or {}
+    cut = (f" Checked on the file's first {depth['layers']} of {depth['of']} layers (their exact bytes, torch running "
+           f"the same layers): {depth['why']}." if depth and depth.get("layers", 0) < depth.get("of", 0) else "")
     return [f"Parity vs torch ({kind}, {report.get('positions', '?')} positions of fixed prompts): "
-            + ("passed." if report.get("passed", True) else "FAILED."), "",
+            + ("passed." if report.get("passed", True) else "FAILED.") + cut, "",
             "| check | measured | tolerance |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
 
 

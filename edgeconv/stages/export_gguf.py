@@ -12,6 +12,7 @@ known exactly, the quantized one's bounded from above.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from edgeconv import __version__
 from edgeconv.errors import EdgeconvError
 from edgeconv.export.gguf import llamacpp
 from edgeconv.export.gguf.arch import gguf_arch_for, untruncated_yarn
+from edgeconv.export.gguf.depth_cut import cut_gguf, cut_overrides, cut_refusal, default_cut
 from edgeconv.export.gguf.writer import check_free_space, disk_nearly_full, is_disk_full, not_enough_space, plan_gguf
 from edgeconv.export.ollama import modelfile
 from edgeconv.export.parity import (
@@ -42,6 +44,7 @@ from edgeconv.io.output_dir import remove_stale_temps, sha256_file, temp_path
 from edgeconv.quant import get_quant
 from edgeconv.reporting.model_card import facts, gguf_card
 
+logger = logging.getLogger(__name__)
 SIDE_FILES_BYTES = 1024**2  # NAME.parity.json, NAME.Modelfile, NAME.md: a few KB
 IMATRIX_SOURCE = "edgeconv: computed in torch, passed to llama.cpp in memory"  # quantize.imatrix.file
 
@@ -86,19 +89,26 @@ def _written_by_edgeconv(out: Path) -> bool:
 def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, force: bool = False,
                 tokenizer_pre: str | None = None, prompts: list[str] = PROMPTS, imatrix_data: Path | None = None,
                 imatrix_tokens: int = 8192, reference: ReferenceOptions | None = None,
-                name: str | None = None, allow_yarn_drift: bool = False) -> GgufExport:
+                name: str | None = None, allow_yarn_drift: bool = False,
+                parity_layers: int | None = None) -> GgufExport:
     """`reference`: how the torch model the GGUF is checked against runs (device, dtype, whole or layer by
     layer; by default float32, the whole model when it fits in memory, else layer by layer). `name`: the GGUF's
     general.name [default: the model's hub id, else its directory name]. `allow_yarn_drift`: a model whose YaRN has
     truncate=false (a released GPT-OSS teacher) is exported with the YaRN llama.cpp runs (truncated), checked
     against torch running that same rope, and its drift from the model as configured is measured per position
-    and written to parity.json and the card (see `yarn_drift`)."""
+    and written to parity.json and the card (see `yarn_drift`). `parity_layers`: run the parity check on the GGUF cut
+    to its first N layers (its exact bytes; edgeconv.export.gguf.depth_cut), 0 on the whole file; None: the whole
+    file when it fits in memory, else the cut (`parity_depth`)."""
     is_float = get_quant("gguf", quant).float_type is not None  # unknown names refused with the known ones
     (reference or ReferenceOptions()).check()
     out = Path(out).absolute()
     _check_out(out, force)
     ckpt = Checkpoint.open(model)
     gguf_arch_for(ckpt.config)  # unsupported architectures fail before any work
+    if parity_layers:  # a depth llama.cpp cannot run is refused before any work
+        refusal = cut_refusal(ckpt.config, parity_layers)
+        if refusal:
+            raise EdgeconvError(f"--parity-layers {parity_layers}: {refusal}", "pass 0 to check the whole file")
     yarn = untruncated_yarn(ckpt.config) if allow_yarn_drift else None
     overrides = {"rope_scaling": yarn} if yarn else None
     if imatrix_data is not None and is_float:
@@ -150,9 +160,17 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             base_file.unlink()
         types = llamacpp.tensor_types(staged)
         fallbacks = llamacpp.k_quant_fallbacks(types, quant)
+        depth = parity_depth(ckpt.config, staged, parity_layers)
+        checked = staged
+        if depth["layers"] < depth["of"]:
+            checked = tmp / f"cut-{depth['layers']}.gguf"
+            cut_gguf(staged, checked, depth["layers"])
         with reference_options(reference):
-            parity, drift = _parity(ckpt.path, staged, quant, prompts, routed=routed_experts(ckpt.config) > 1,
-                                    overrides=overrides)
+            parity, drift = _parity(ckpt.path, checked, quant, prompts, routed=routed_experts(ckpt.config) > 1,
+                                    overrides=overrides,
+                                    cut=cut_overrides(ckpt.config, depth["layers"]) if checked != staged else None)
+        if checked != staged:
+            checked.unlink()
         stem = out.with_suffix("")
         report = {
             "artifact": out.name,
@@ -164,6 +182,7 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
             "k_quant_fallbacks": fallbacks,
             "imatrix": info.get("imatrix"),
             **parity.as_dict(),
+            "parity_depth": depth,
         }
         if drift is not None:
             report["yarn_drift"] = drift
@@ -192,10 +211,38 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     return GgufExport(out, parity, report["type_mix"], fallbacks, info)
 
 
+def parity_depth(config: dict, gguf_path: Path, parity_layers: int | None) -> dict:
+    """How deep the parity check runs: {"layers": N, "of": all layers, "why"}. As asked (`parity_layers`, 0 = all),
+    else the whole file when it fits in memory (llama.cpp maps it while the prompts run), else the fewest layers
+    that hold every kind of layer (depth_cut.default_cut) when llama.cpp can run that cut."""
+    import torch
+
+    from edgeconv.forward.layer_by_layer import SAFETY, available_bytes, human
+
+    total = int(config["num_hidden_layers"])
+    if parity_layers is not None:
+        layers = parity_layers or total
+        return {"layers": layers, "of": total, "why": f"--parity-layers {parity_layers}"}
+    size, usable = gguf_path.stat().st_size, int(SAFETY * available_bytes(torch.device("cpu")))
+    if size <= usable:
+        return {"layers": total, "of": total, "why": f"the file ({human(size)}) fits in {human(usable)} usable"}
+    layers = default_cut(config)
+    refusal = cut_refusal(config, layers)
+    if refusal:
+        logger.warning(f"parity: the whole {human(size)} file, more than the {human(usable)} usable: "
+                    f"llama.cpp cannot run it cut ({refusal})")
+        return {"layers": total, "of": total, "why": f"no cut: {refusal}"}
+    why = (f"the file ({human(size)}) exceeds {human(usable)} usable: its first {layers} of {total} layers, "
+           "every kind of layer, as written")
+    logger.info(f"parity: {why}")
+    return {"layers": layers, "of": total, "why": why}
+
+
 def _parity(model_dir: Path, gguf_path: Path, quant: str, prompts: list[str], routed: bool,
-            overrides: dict | None = None) -> tuple[Parity, dict | None]:
+            overrides: dict | None = None, cut: dict | None = None) -> tuple[Parity, dict | None]:
     """The gate's parity (torch with `overrides`, i.e. what llama.cpp runs) and, with overrides, the drift from the
-    model as its config.json says (yarn_drift)."""
+    model as its config.json says (yarn_drift). `cut`: `gguf_path` is the file cut in depth, and torch runs the
+    same layers (depth_cut.cut_overrides)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -213,8 +260,10 @@ def _parity(model_dir: Path, gguf_path: Path, quant: str, prompts: list[str], ro
         artifact = [runner.logits(i) for i in ids]
     finally:
         runner.close()
-    parity = compare(f"gguf:{quant}", torch_logits(model_dir, ids, overrides), artifact, ids, routed=routed)
-    return parity, (yarn_drift(torch_logits(model_dir, ids), artifact) if overrides else None)
+    cut = cut or {}
+    parity = compare(f"gguf:{quant}", torch_logits(model_dir, ids, {**(overrides or {}), **cut} or None), artifact,
+                     ids, routed=routed)
+    return parity, (yarn_drift(torch_logits(model_dir, ids, cut or None), artifact) if overrides else None)
 
 
 def yarn_drift(configured: list, artifact: list) -> dict:

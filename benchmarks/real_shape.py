@@ -34,6 +34,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -221,11 +222,44 @@ def row_result(r: dict) -> str:
     return ""
 
 
+def builds_table(rows: list[dict]) -> list[str]:
+    """Issue 21: one line per `edgeconv build --target jetson --distill-tokens 0` run, every family side by side."""
+    out = []
+    for r in rows:
+        if r["stage"] != "build":
+            continue
+        x = r.get("extra") or {}
+        s, p = x.get("summary") or {}, x.get("parity") or {}
+        # the tag names a teacher written with a realistic logit scale: -ls<logit scale>-up<unigram prior>
+        teacher = ", ".join(f"{what} {m.group(1)}" for what, key in (("unigram prior", "up"), ("logit scale", "ls"))
+                            if (m := re.search(rf"-{key}([0-9.]+)", r["tag"])))
+        planned, written = s.get("planned_weights_bytes"), s.get("written_model_bytes")
+        size = (f"{planned / 1e6:,.1f} / {written / 1e6:,.1f} MB ({written / planned - 1:+.2%})"
+                if planned and written else "-")
+        if r.get("ok", True) and p:
+            outcome = f"{s.get('quant')} parity ppl ratio {p['ppl_ratio']:.4f}, top-1 {p['top1_agreement']:.1%}"
+        else:
+            tail = (r.get("output_tail") or "").strip().splitlines()
+            why = tail[-1].removeprefix("error: ").split("; ")[0] if tail else f"rc {r.get('returncode')}"
+            outcome = f"FAILED: {why}"
+        layers = f"{r['layers']}" + (f", {r['experts']} experts" if r.get("experts") else "")
+        params = f"{s['dense_params'] / 1e6:,.1f} M" if s.get("dense_params") else "-"
+        out.append(f"| {r['shape']} | {layers} | {teacher or 'plain'} | {fmt_gb(r.get('checkpoint_bytes'))} | "
+                   f"{params} | {size} | {outcome} | {fmt_s(r.get('wall_s'))} | "
+                   f"{fmt_gb(r.get('peak_rss_bytes'))} | {r.get('edgeconv_commit', '')} |")
+    if not out:
+        return []
+    return ["## `edgeconv build CKPT --target jetson --distill-tokens 0`, every family", "",
+            "| shape | layers | random teacher | checkpoint GB | student params | planned / written GGUF weights | "
+            "parity | wall s | peak RSS GB | edgeconv |", "|---|---|---|---|---|---|---|---|---|---|", *out, ""]
+
+
 def render(results: dict) -> str:
     lines = ["# Real-shape benchmark (benchmarks/real_shape.py)", "",
              "Random-weight checkpoints with the exact shapes of released MoEs (configs typed from their published "
              "config.json), cut to N layers, 4,096-token demo vocabulary. Wall time and peak RSS of each command, "
              "one process each (`benchmarks/measure.py`).", ""]
+    lines += builds_table(results["rows"])
     tags = []
     for r in results["rows"]:
         if r["tag"] not in tags:

@@ -2,9 +2,9 @@
 for memory planning, llama.cpp, the parity gate and the help texts.
 
 `edgeconv export --quant` and `edgeconv build --quant` take these names; the memory-fit planner reads `bits`;
-the GGUF exporter writes the float types itself (`float_type`) and hands the others to llama.cpp's quantizer
-(`ftype`); the parity gate (edgeconv.export.parity) checks each artifact against `tolerance`; target profiles
-(targets/*.toml) are validated against it. Nothing else lists quantization names.
+the GGUF exporter writes the float types and Q8_0 itself (`float_type`, `direct`) and hands the others to
+llama.cpp's quantizer (`ftype`); the parity gate (edgeconv.export.parity) checks each artifact against `tolerance`;
+target profiles (targets/*.toml) are validated against it. Nothing else lists quantization names.
 
 Lookups are per format and fail with the names that format has: `get_quant("onnx-genai", "int8")` is refused
 (onnxruntime-genai's builder has no int8), before any work.
@@ -54,6 +54,14 @@ class QuantType:
     # types, and the output matrix is kept in Q6_K.
     k_quant: bool = False
     default: bool = False  # the format's default when --quant is not given
+    # GGUF: a quantized type edgeconv's writer makes in one pass with gguf-py's quantizer (the bytes llama.cpp's
+    # quantizer gives), so no float intermediate file is written.
+    direct: bool = False
+
+    @property
+    def written_by_edgeconv(self) -> bool:
+        """GGUF: the writer makes this type itself (a float type, or a `direct` one), in one file."""
+        return self.float_type is not None or self.direct
 
     @property
     def key(self) -> str:
@@ -65,9 +73,10 @@ class QuantType:
         return f"LLAMA_FTYPE_{self.ftype}" if self.ftype else None
 
 
-def _gguf(name, bits, tol, help, ftype, float_type=None, widest=None, k_quant=False, default=False) -> QuantType:
+def _gguf(name, bits, tol, help, ftype, float_type=None, widest=None, k_quant=False, default=False,
+          direct=False) -> QuantType:
     return QuantType("gguf", name, bits, Tolerance(*tol), help, ftype, float_type, widest or float_type, k_quant,
-                     default)
+                     default, direct)
 
 
 def _onnx(fmt, name, bits, tol, help, default=False) -> QuantType:
@@ -82,8 +91,8 @@ TABLE: tuple[QuantType, ...] = (
     _gguf("F16", 16.0, (3e-2, 0.99, 0.01), "16-bit float, written by edgeconv", "MOSTLY_F16", "F16"),
     _gguf("BF16", 16.0, (5e-2, 0.98, 0.02), "bfloat16, written by edgeconv (lossless for bf16 checkpoints)",
           "MOSTLY_BF16", "BF16"),
-    _gguf("Q8_0", 8.5, (None, None, 0.02), "8-bit, blocks of 32 (llama.cpp's quantizer)", "MOSTLY_Q8_0",
-          widest="Q8_0"),
+    _gguf("Q8_0", 8.5, (None, None, 0.02), "8-bit, blocks of 32 (written by edgeconv, the bytes llama.cpp's "
+          "quantizer gives)", "MOSTLY_Q8_0", widest="Q8_0", direct=True),
     _gguf("Q6_K", 6.5625, (None, None, 0.03), "6-bit k-quant", "MOSTLY_Q6_K", widest="Q6_K", k_quant=True),
     _gguf("Q5_K_M", 5.69, (None, None, 0.04), "5-bit k-quant mix, some tensors Q6_K", "MOSTLY_Q5_K_M",
           widest="Q6_K", k_quant=True),

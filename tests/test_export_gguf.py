@@ -91,6 +91,42 @@ def test_quantized_types_and_their_real_mix(models, tmp_path):
     assert report["k_quant_fallbacks"] == q4.fallbacks and "fell back" in (tmp_path / "q4.md").read_text()
 
 
+def _tensors(path):
+    reader = gguf.GGUFReader(path)
+    return reader, [(t.name, t.tensor_type.name, bytes(np.asarray(t.data).tobytes())) for t in reader.tensors]
+
+
+@pytest.mark.parametrize("name", ["MixtralForCausalLM", "DeepseekV2ForCausalLM", "GptOssForCausalLM",
+                                  "dense-Qwen3MoeForCausalLM", "dense-OlmoeForCausalLM", "bf16"])
+def test_q8_0_written_directly_is_what_llama_cpps_quantizer_writes(name, models, tmp_path):
+    """Q8_0 is quantized by gguf-py in edgeconv's writer, with no float intermediate: the same tensor types (those
+    llama.cpp cannot quantize included, e.g. MLA's 16-wide tensors) and bytes as llama-quantize from a float file."""
+    from edgeconv.export.gguf import llamacpp
+    from edgeconv.export.gguf.writer import write_gguf
+
+    src = models.get(name)
+    if name == "bf16":  # a bf16 checkpoint: llama.cpp then quantizes from BF16
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(models["dense-Qwen3MoeForCausalLM"], dtype=torch.bfloat16)
+        src = tiny.add_tokenizer(tiny.save(model, tmp_path / "bf16-model"))
+    direct = export_gguf(src, tmp_path / "direct.gguf", "Q8_0")
+    assert direct.parity.passed
+    base = "BF16" if name == "bf16" else "F32"
+    write_gguf(src, tmp_path / "base.gguf", base)
+    llamacpp.quantize(tmp_path / "base.gguf", tmp_path / "llama.gguf", "Q8_0")
+    # llama.cpp writes the tensors in its loader's order; edgeconv in the checkpoint's
+    ours, theirs = sorted(_tensors(direct.path)[1]), sorted(_tensors(tmp_path / "llama.gguf")[1])
+    assert [(n, t) for n, t, _ in ours] == [(n, t) for n, t, _ in theirs]
+    assert "Q8_0" in {t for _, t, _ in ours}
+    for (n, _, a), (_, _, b) in zip(ours, theirs, strict=True):
+        assert a == b, n
+    reader = gguf.GGUFReader(direct.path)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert not (tmp_path / "direct.parity.json").read_text().count("base-")  # no intermediate was named
+
+
 @pytest.fixture(scope="module")
 def wide_dense(tmp_path_factory):
     """A dense Qwen3 student whose widths are multiples of 256, so every k-quant applies."""

@@ -204,17 +204,18 @@ def test_export_to_a_full_disk_is_refused_before_writing(moe, mount_tmpfs, quant
     assert list(disk.iterdir()) == [], "no temp files may be left"
 
 
-@pytest.mark.parametrize("quant", ["F16", "Q8_0"])
+@pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_K_M"])
 def test_disk_that_fills_during_the_export_is_one_line(moe, mount_tmpfs, monkeypatch, quant):
     """Past the check (another process took the space meanwhile): numpy's short write (no errno) while writing
-    the float file, or llama.cpp's failed write while quantizing, end in the same one line."""
+    the file edgeconv writes itself, or llama.cpp's failed write while quantizing, end in the same one line."""
     from edgeconv.export.gguf.writer import plan_gguf
 
     monkeypatch.setattr("edgeconv.stages.export_gguf.check_free_space", lambda *a: None)
     plan = plan_gguf(moe, "F32")
     plan.close()
-    # F16: 40 KiB, nothing fits. Q8_0: the F32 intermediate fits, the quantized file does not.
-    size = 40 * 1024 if quant == "F16" else (plan.nbytes // 4096 + 1) * 4096 + 32 * 1024
+    # F16, Q8_0 (written by edgeconv): 40 KiB, nothing fits. Q4_K_M: the F32 intermediate fits, the quantized file
+    # (65 KiB) does not.
+    size = 40 * 1024 if quant != "Q4_K_M" else (plan.nbytes // 4096 + 1) * 4096 + 32 * 1024
     disk = mount_tmpfs(size)
     line = assert_error(run_cli("export", moe, "--quant", quant, "--out", disk / "m.gguf"), "free some space")
     needed, free = space_numbers(line, disk)

@@ -1,4 +1,5 @@
-"""Export GGUF: write, quantize with llama.cpp, check parity against torch, then (only then) publish.
+"""Export GGUF: write (float types and Q8_0 directly, other types through llama.cpp's quantizer), check parity
+against torch, then (only then) publish.
 
 Next to `NAME.gguf` it writes `NAME.parity.json`, an Ollama `NAME.Modelfile` and a model card `NAME.md` (front matter
 the Hugging Face Hub reads: base model, `base_model_relation: quantized`, license, tags; then the method and the
@@ -99,7 +100,11 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     and written to parity.json and the card (see `yarn_drift`). `parity_layers`: run the parity check on the GGUF cut
     to its first N layers (its exact bytes; edgeconv.export.gguf.depth_cut), 0 on the whole file; None: the whole
     file when it fits in memory, else the cut (`parity_depth`)."""
-    is_float = get_quant("gguf", quant).float_type is not None  # unknown names refused with the known ones
+    entry = get_quant("gguf", quant)  # unknown names refused with the known ones
+    is_float = entry.float_type is not None
+    # One pass of edgeconv's writer (the float types, and Q8_0 quantized by gguf-py), else a lossless float file that
+    # llama.cpp's quantizer reads (with an importance matrix, too, which only llama.cpp takes).
+    direct = entry.written_by_edgeconv and imatrix_data is None
     (reference or ReferenceOptions()).check()
     out = Path(out).absolute()
     _check_out(out, force)
@@ -120,20 +125,20 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
     remove_stale_temps(out)  # killed runs' temp directories, whole-size float GGUFs included
     # Quantize from a lossless float file: BF16 for bf16 sources, F32 otherwise.
     source_dtype = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")
-    base = quant if is_float else ("BF16" if source_dtype == "bfloat16" else "F32")
-    what = f"the {quant} GGUF export {out.name}" + ("" if is_float else f" and its {base} intermediate")
+    base = quant if direct else ("BF16" if source_dtype == "bfloat16" else "F32")
+    what = f"the {quant} GGUF export {out.name}" + ("" if direct else f" and its {base} intermediate")
     plan, needed = None, 0
     tmp = temp_path(out)
     try:
         plan = plan_gguf(ckpt.path, base, tokenizer_pre, name, config_overrides=overrides)
         needed = plan.nbytes + SIDE_FILES_BYTES
-        if not is_float:  # the float file and the quantized one are both on disk at the end
+        if not direct:  # the float file and the quantized one are both on disk at the end
             needed += llamacpp.quantized_bytes_bound(plan.tensors(), quant, plan.metadata_bytes)
         check_free_space(out.parent, needed, what)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         staged = tmp / out.name
-        if is_float:
+        if direct:
             info = plan.write(staged)
             plan.close()
         else:

@@ -371,7 +371,7 @@ class GgufLayout:
 
         entry = get_quant("gguf", quant)
         types = choose_types(self.tensors, entry.ftype, self.hparams, source=self.source, has_imatrix=has_imatrix)
-        if entry.float_type:
+        if entry.written_by_edgeconv and not has_imatrix:  # edgeconv's writer: every dimension written
             return FilePlan(quant, types, padded(self.float_metadata), self.vocab)
         # llama.cpp copies the key-values and writes each tensor's info with ggml_n_dims dimensions (trailing 1s
         # dropped: a one-expert stack [1, rows, cols] is 2-D), 8 bytes less per dropped dimension.

@@ -1,8 +1,10 @@
-"""Write a HF checkpoint (dense student or MoE teacher) as an unquantized GGUF, one tensor at a time.
+"""Write a HF checkpoint (dense student or MoE teacher) as a float or Q8_0 GGUF, one tensor at a time.
 
 Tensor infos are declared first (their shapes follow from the headers), then the data is streamed, so
-memory holds one tensor, or one layer's stacked experts. Quantized types are made from this file by
-llama.cpp's own quantizer (see `llamacpp.py`). `plan_gguf` declares everything first, so the file's exact size
+memory holds one tensor, or one layer's stacked experts. Q8_0 is quantized here by gguf-py, with the per-tensor
+types llama.cpp's quantizer would choose (type_choice) and the bytes it would write (a test compares them), so it
+needs no float intermediate; the other quantized types are made from a float file by llama.cpp's own quantizer
+(see `llamacpp.py`). `plan_gguf` declares everything first, so the file's exact size
 is known before a byte is written: writers check the free space against it and refuse in one line.
 """
 
@@ -145,6 +147,8 @@ def _kept_f32(it: Item) -> bool:
 
 
 def _encode(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    if qtype == gguf.GGMLQuantizationType.Q8_0:  # gguf-py rounds as llama.cpp's quantize_row_q8_0 does
+        return gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
     if qtype == gguf.GGMLQuantizationType.BF16:
         return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
     if qtype == gguf.GGMLQuantizationType.F16:
@@ -211,32 +215,53 @@ def _file_bytes(writer: gguf.GGUFWriter) -> tuple[int, int]:
     return metadata, metadata + sum(gguf.GGUFWriter.ggml_pad(info.nbytes, align) for info in tensors.values())
 
 
+def _direct_types(ckpt: Checkpoint, spec: GgufArch, items: list[Item], entry) -> dict[str, str]:
+    """llama.cpp's type for every tensor of a `direct` file type (edgeconv.quant): the rules llama_model_quantize
+    applies (type_choice), with the float source it would have read (BF16 for bf16 checkpoints, else F32)."""
+    from edgeconv.export.gguf.type_choice import Hparams, Tensor, choose_types
+    from edgeconv.families.base import routed_experts
+
+    c = ckpt.config
+    heads = int(c["num_attention_heads"])
+    hparams = Hparams(spec.name, int(c["num_hidden_layers"]), routed_experts(c), heads,
+                      int(c.get("num_key_value_heads") or heads))
+    source = "BF16" if (c.get("torch_dtype") or c.get("dtype")) == "bfloat16" else "F32"
+    tensors = [Tensor(it.name, tuple(it.shape), _kept_f32(it)) for it in items]
+    return choose_types(tensors, entry.ftype, hparams, source=source).types
+
+
 def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None, name: str | None = None,
               config_overrides: dict | None = None) -> GgufPlan:
-    """Declare `model_dir` as a GGUF of float type `ftype`: everything but the tensor data, which `write` streams.
-    `name`: general.name [default: the hub id, else the directory name]; the rest of general.* is
-    edgeconv.export.gguf.metadata's."""
-    floats = [q.name for q in quants("gguf") if q.float_type]  # the types edgeconv writes itself (edgeconv.quant)
-    if ftype not in floats:
-        raise EdgeconvError(f"{ftype} is not a float GGUF type", f"use one of {', '.join(floats)}")
+    """Declare `model_dir` as a GGUF of type `ftype`, a float type or a `direct` one (Q8_0): everything but the
+    tensor data, which `write` streams. `name`: general.name [default: the hub id, else the directory name]; the
+    rest of general.* is edgeconv.export.gguf.metadata's."""
+    own = [q.name for q in quants("gguf") if q.written_by_edgeconv]  # the types edgeconv writes itself
+    if ftype not in own:
+        raise EdgeconvError(f"edgeconv's GGUF writer does not make {ftype} itself", f"use one of {', '.join(own)}")
     entry = get_quant("gguf", ftype)
     ckpt = Checkpoint.open(model_dir)
     ckpt.config = {**ckpt.config, **(config_overrides or {})}  # e.g. the YaRN llama.cpp runs (export_gguf)
     writer = None
     try:
         spec = gguf_arch_for(ckpt.config)
-        qtype, file_type = gguf.GGMLQuantizationType[entry.float_type], gguf.LlamaFileType[entry.ftype]
+        file_type = gguf.LlamaFileType[entry.ftype]
         items = _items(ckpt, spec)
+        if entry.float_type:
+            chosen = {it.name: "F32" if _kept_f32(it) else entry.float_type for it in items}
+        else:
+            chosen = _direct_types(ckpt, spec, items, entry)
         writer = gguf.GGUFWriter(None, spec.name)
         types = {}
         for it in items:  # declared first: general.size_label counts them
-            t = gguf.GGMLQuantizationType.F32 if _kept_f32(it) else qtype
+            t = gguf.GGMLQuantizationType[chosen[it.name]]
             types[it.name] = t
-            itemsize = 4 if t == gguf.GGMLQuantizationType.F32 else 2
-            np_dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
-                        gguf.GGMLQuantizationType.BF16: np.uint16}[t]
-            writer.add_tensor_info(it.name, it.shape, np.dtype(np_dtype), int(np.prod(it.shape)) * itemsize,
-                                   raw_dtype=t if t == gguf.GGMLQuantizationType.BF16 else None)
+            block, block_bytes = gguf.GGML_QUANT_SIZES[t]
+            nbytes = int(np.prod(it.shape)) // block * block_bytes
+            np_dtype = {gguf.GGMLQuantizationType.F32: np.float32,
+                        gguf.GGMLQuantizationType.F16: np.float16}.get(t, np.float32)
+            writer.add_tensor_info(it.name, it.shape, np.dtype(np_dtype), nbytes,
+                                   raw_dtype=None if t in (gguf.GGMLQuantizationType.F32,
+                                                           gguf.GGMLQuantizationType.F16) else t)
         # The key-values in the order llama.cpp's converter writes them: general.*, the architecture's, the
         # quantization version, the file type, the tokenizer's.
         add_general(writer, ckpt.path, name)

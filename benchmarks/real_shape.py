@@ -54,6 +54,8 @@ STAGES = ["convert", "export-teacher", "export-student", "upstream", "cache", "d
 DEFAULT_STAGES = "convert,export-teacher,export-student,upstream,cache,distill,bench"
 UPSTREAM_TYPES = {"F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}  # convert_hf_to_gguf.py --outtype; Q4_K_M: quantize
 BYTES_PER_PARAM = {"F16": 2.0, "BF16": 2.0, "F32": 4.0, "Q8_0": 34 / 32, "Q4_K_M": 0.62}
+# edgeconv writes these in one pass; the others go through a BF16 file to llama.cpp's quantizer (Q8_0 since ed997dd)
+WRITTEN_DIRECTLY = ("F16", "BF16", "F32", "Q8_0")
 GB = 1e9
 
 
@@ -485,7 +487,7 @@ class Run:
         for f in self.gguf.glob(f"{model}-{quant}.*"):
             models.remove(f)
         n = self.params(src)
-        need = n * BYTES_PER_PARAM[quant] + (0 if quant in ("F16", "BF16", "F32") else n * 2)
+        need = n * BYTES_PER_PARAM[quant] + (0 if quant in WRITTEN_DIRECTLY else n * 2)
         self.need_disk(step, need)
         cmd = [*edgeconv_command(), "export", src, "--quant", quant, "--out", out]
         if self.args.parity_layers is not None:
@@ -672,7 +674,7 @@ class Run:
             rows.append(("convert (student, + 4 GB for a calibration spill)", student * 2 + 4 * GB))
         for model, size in (("teacher", n), ("student", student)):
             for q in self.quants(model):
-                inter = 0 if q in ("F16", "BF16", "F32") else size * 2
+                inter = 0 if q in WRITTEN_DIRECTLY else size * 2
                 if "export-" + model in self.stages:
                     rows.append((f"export-{model}-{q} (output{' + BF16 intermediate' if inter else ''})",
                                  kept + size * BYTES_PER_PARAM[q] + inter))

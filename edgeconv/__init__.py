@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 
 import types as _types  # noqa: E402
 
+from edgeconv import compat as _compat  # noqa: E402
+
+_compat.install()  # fixes to the pinned transformers, applied when their modules are imported (edgeconv.compat)
+
 from edgeconv import api as _api  # noqa: E402
 from edgeconv.api import build, build_plan, convert, distill, evaluate, prune, sweep, upcycle  # noqa: E402
 from edgeconv.config import BuildConfig, ConfigError, ConvertConfig, DistillConfig, ExportConfig, SweepConfig  # noqa: E402

@@ -98,11 +98,14 @@ def _tensors(path):
 
 @pytest.mark.parametrize("name", ["MixtralForCausalLM", "DeepseekV2ForCausalLM", "GptOssForCausalLM",
                                   "dense-Qwen3MoeForCausalLM", "dense-OlmoeForCausalLM", "bf16"])
-def test_q8_0_written_directly_is_what_llama_cpps_quantizer_writes(name, models, tmp_path):
+def test_q8_0_written_directly_is_what_llama_cpps_quantizer_writes(name, models, tmp_path, monkeypatch):
     """Q8_0 is quantized by gguf-py in edgeconv's writer, with no float intermediate: the same tensor types (those
-    llama.cpp cannot quantize included, e.g. MLA's 16-wide tensors) and bytes as llama-quantize from a float file."""
-    from edgeconv.export.gguf import llamacpp
+    llama.cpp cannot quantize included, e.g. MLA's 16-wide tensors) and bytes as llama-quantize from a float file.
+    A few rows at a time (here 100 values, so tensors are cut into uneven pieces)."""
+    from edgeconv.export.gguf import llamacpp, writer
     from edgeconv.export.gguf.writer import write_gguf
+
+    monkeypatch.setattr(writer, "Q8_0_CHUNK", 100)
 
     src = models.get(name)
     if name == "bf16":  # a bf16 checkpoint: llama.cpp then quantizes from BF16

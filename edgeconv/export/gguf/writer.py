@@ -34,6 +34,9 @@ EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)
 KEEP_F32 = re.compile(r"(ffn_gate_inp(_shexp)?\.weight|attn_sinks\.weight|\.bias)$")
 
 
+Q8_0_CHUNK = 8 * 1024**2  # values quantized at a time (_encode)
+
+
 @dataclass
 class Item:
     name: str  # GGUF name
@@ -148,7 +151,13 @@ def _kept_f32(it: Item) -> bool:
 
 def _encode(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     if qtype == gguf.GGMLQuantizationType.Q8_0:  # gguf-py rounds as llama.cpp's quantize_row_q8_0 does
-        return gguf.quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
+        # A few million values at a time: a layer's stacked experts in float32, and gguf-py's temporaries of them,
+        # would be several times the layer as stored.
+        rows = t.reshape(-1, t.shape[-1])
+        step = max(1, Q8_0_CHUNK // max(1, t.shape[-1]))
+        parts = [gguf.quants.quantize(rows[i:i + step].to(torch.float32).numpy(), qtype)
+                 for i in range(0, rows.shape[0], step)]
+        return np.concatenate(parts).reshape(*t.shape[:-1], -1)
     if qtype == gguf.GGMLQuantizationType.BF16:
         return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
     if qtype == gguf.GGMLQuantizationType.F16:

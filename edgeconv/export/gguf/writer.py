@@ -134,9 +134,15 @@ def _expert_items(ckpt: Checkpoint, family, tmap) -> list[Item]:
         cache: dict[str, torch.Tensor] = {}
 
         def stacked(part: str, layer=layer, cache=cache) -> torch.Tensor:
-            if not cache:
-                experts = [family.read_expert(ckpt, layer, e) for e in range(n)]
-                cache.update({p: torch.stack([getattr(x, p) for x in experts]) for p, *_ in parts})
+            if not cache:  # each expert read once, straight into the stacks (no list of experts beside them)
+                for e in range(n):
+                    x = family.read_expert(ckpt, layer, e)
+                    for p, *_ in parts:
+                        t = getattr(x, p)
+                        if p not in cache:
+                            cache[p] = torch.empty((n, *t.shape), dtype=t.dtype)
+                        cache[p][e] = t
+                    del x
             return cache.pop(part)  # each part is written once; popping frees it
 
         for part, proj, kind, shape in parts:

@@ -166,15 +166,15 @@ def export_gguf(model: str | Path, out: str | Path, quant: str = "Q4_K_M", *, fo
         types = llamacpp.tensor_types(staged)
         fallbacks = llamacpp.k_quant_fallbacks(types, quant)
         depth = parity_depth(ckpt.config, staged, parity_layers)
-        checked = staged
-        if depth["layers"] < depth["of"]:
-            checked = tmp / f"cut-{depth['layers']}.gguf"
+        cut = depth["layers"] < depth["of"]
+        checked = tmp / f"cut-{depth['layers']}.gguf" if cut else staged
+        if cut:
             cut_gguf(staged, checked, depth["layers"])
         with reference_options(reference):
             parity, drift = _parity(ckpt.path, checked, quant, prompts, routed=routed_experts(ckpt.config) > 1,
                                     overrides=overrides,
-                                    cut=cut_overrides(ckpt.config, depth["layers"]) if checked != staged else None)
-        if checked != staged:
+                                    cut=cut_overrides(ckpt.config, depth["layers"]) if cut else None)
+        if cut:
             checked.unlink()
         stem = out.with_suffix("")
         report = {
@@ -235,7 +235,7 @@ def parity_depth(config: dict, gguf_path: Path, parity_layers: int | None) -> di
     refusal = cut_refusal(config, layers)
     if refusal:
         logger.warning(f"parity: the whole {human(size)} file, more than the {human(usable)} usable: "
-                    f"llama.cpp cannot run it cut ({refusal})")
+                       f"llama.cpp cannot run it cut ({refusal})")
         return {"layers": total, "of": total, "why": f"no cut: {refusal}"}
     why = (f"the file ({human(size)}) exceeds {human(usable)} usable: its first {layers} of {total} layers, "
            "every kind of layer, as written")

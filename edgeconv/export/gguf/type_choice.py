@@ -277,6 +277,15 @@ class TypePlan:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def hparams_from_config(arch: str, config: dict) -> Hparams:
+    """The hyperparameters llama.cpp's type choice reads, from config.json (what the GGUF header would say)."""
+    from edgeconv.families.base import routed_experts
+
+    heads = int(config.get("num_attention_heads") or 0)
+    return Hparams(arch, int(config["num_hidden_layers"]), routed_experts(config), heads,
+                   int(config.get("num_key_value_heads") or heads))
+
+
 def choose_types(tensors: list[Tensor], ftype: str, hparams: Hparams, *, source: str = "F32",
                  has_imatrix: bool = False) -> TypePlan:
     """llama.cpp's type for every tensor when a float file of `tensors` (its tensors in `source`, F32 or BF16, except
@@ -455,15 +464,11 @@ def gguf_layout(config: dict, shapes: dict[str, tuple[int, ...]], tokenizer=None
         v = kv.get(f"{spec.name}.{key}")
         return int(v.value) if v is not None else default
 
-    n_head = int(config.get("num_attention_heads") or 0)
     if header:
         hp = Hparams(spec.name, value("block_count"), value("expert_count"), value("attention.head_count"),
                      value("attention.head_count_kv"))
     else:
-        from edgeconv.families.base import routed_experts
-
-        hp = Hparams(spec.name, int(config["num_hidden_layers"]), routed_experts(config), n_head,
-                     int(config.get("num_key_value_heads") or n_head))
+        hp = hparams_from_config(spec.name, config)
     dtype = config.get("torch_dtype") or config.get("dtype")
     writer.close()
     return GgufLayout([Tensor(it.name, tuple(it.shape), _kept_f32(it)) for it in items], hp,

@@ -233,16 +233,12 @@ def _file_bytes(writer: gguf.GGUFWriter) -> tuple[int, int]:
 def _direct_types(ckpt: Checkpoint, spec: GgufArch, items: list[Item], entry) -> dict[str, str]:
     """llama.cpp's type for every tensor of a `direct` file type (edgeconv.quant): the rules llama_model_quantize
     applies (type_choice), with the float source it would have read (BF16 for bf16 checkpoints, else F32)."""
-    from edgeconv.export.gguf.type_choice import Hparams, Tensor, choose_types
-    from edgeconv.families.base import routed_experts
+    from edgeconv.export.gguf.type_choice import Tensor, choose_types, hparams_from_config
 
     c = ckpt.config
-    heads = int(c["num_attention_heads"])
-    hparams = Hparams(spec.name, int(c["num_hidden_layers"]), routed_experts(c), heads,
-                      int(c.get("num_key_value_heads") or heads))
     source = "BF16" if (c.get("torch_dtype") or c.get("dtype")) == "bfloat16" else "F32"
     tensors = [Tensor(it.name, tuple(it.shape), _kept_f32(it)) for it in items]
-    return choose_types(tensors, entry.ftype, hparams, source=source).types
+    return choose_types(tensors, entry.ftype, hparams_from_config(spec.name, c), source=source).types
 
 
 def plan_gguf(model_dir: Path, ftype: str = "F16", pre: str | None = None, name: str | None = None,

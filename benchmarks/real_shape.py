@@ -432,6 +432,16 @@ class Run:
             raise SystemExit(f"{what} needs about {nbytes / GB:.1f} GB and {free / GB:.1f} GB are free on "
                              f"{self.work}: run fewer stages at once, or fewer --layers")
 
+    def shape_counts(self) -> dict:
+        """Parameter and byte counts from the shape alone (nothing read or written)."""
+        config = models.make_config(self.shape, self.layers, self.experts, tiny=self.tiny, gpt_oss_format=self.fmt,
+                                    overrides=self.overrides)
+        return models.params_summary(config, models.gpt_oss_format_of(config))
+
+    def convert_disk_bytes(self) -> float:
+        """The student in bf16 (the active parameters with the embedding) + up to 4 GB of calibration spill."""
+        return self.shape_counts()["active_with_embedding"] * 2 + 4 * GB
+
     def params(self, model_dir: Path) -> int:
         if model_dir == self.ckpt:  # the writer's count (MXFP4 holds two parameters per byte)
             return self.meta["params"]
@@ -453,7 +463,7 @@ class Run:
             return log(f"[{self.tag}] convert: done (row in {rel(self.results_path)})")
         for p in (self.student, self.work / "student.work"):
             models.remove(p)
-        self.need_disk("convert", self.meta["bytes"] * 0.4)
+        self.need_disk("convert", self.convert_disk_bytes())
         cmd = [*edgeconv_command(), "convert", self.ckpt, "--out", self.student, "--no-progress"]
         if self.args.calibration_tokens:
             cmd += ["--tokens", self.args.calibration_tokens]
@@ -660,9 +670,7 @@ class Run:
     def dry_run(self) -> None:
         """The disk each step needs at its peak (the checkpoint stays; GGUFs are deleted once digested, except the
         --bench-quants ones), from the shapes alone; nothing is written."""
-        config = models.make_config(self.shape, self.layers, self.experts, tiny=self.tiny, gpt_oss_format=self.fmt,
-                                    overrides=self.overrides)
-        counts = models.params_summary(config, models.gpt_oss_format_of(config))
+        counts = self.shape_counts()
         ckpt, n, student = counts["bytes"], counts["params"], counts["active_with_embedding"]
         free = shutil.disk_usage(self.work if self.work.exists() else WORK.parent).free
         have = sum(f.stat().st_size for f in self.ckpt.rglob("*") if f.is_file()) if self.ckpt.exists() else 0
@@ -671,7 +679,7 @@ class Run:
         kept = 0.0
         rows = [("write checkpoint", ckpt - have)]
         if "convert" in self.stages:
-            rows.append(("convert (student, + 4 GB for a calibration spill)", student * 2 + 4 * GB))
+            rows.append(("convert (student, + 4 GB for a calibration spill)", self.convert_disk_bytes()))
         for model, size in (("teacher", n), ("student", student)):
             for q in self.quants(model):
                 inter = 0 if q in WRITTEN_DIRECTLY else size * 2

@@ -128,11 +128,11 @@ def render(results: dict) -> str:
         if len(measured_rows) > 1:
             base = measured_rows[0]
             for r in measured_rows[1:]:
-                lines.append("")
-                lines.append(f"{r['device']} / {base['device']}: calibrate "
-                             f"{r['calibrate']['token_layers_per_second'] / base['calibrate']['token_layers_per_second']:.2f}x"
-                             + (f", cache fill {r['cache']['tokens_per_second'] / base['cache']['tokens_per_second']:.2f}x"
-                                if "cache" in r and "cache" in base else ""))
+                cal = r["calibrate"]["token_layers_per_second"] / base["calibrate"]["token_layers_per_second"]
+                line = f"{r['device']} / {base['device']}: calibrate {cal:.2f}x"
+                if "cache" in r and "cache" in base:
+                    line += f", cache fill {r['cache']['tokens_per_second'] / base['cache']['tokens_per_second']:.2f}x"
+                lines += ["", line]
         lines.append("")
     return "\n".join(lines)
 

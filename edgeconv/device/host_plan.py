@@ -457,6 +457,200 @@ def duration(seconds: float | None) -> str:
     return f"~{seconds / 86400:.1f} days"
 
 
+@dataclass
+class _Build:
+    """What every stage's estimate reads: the host, the teacher and student shapes, the measured rates."""
+    host: Host
+    t: TeacherShape
+    family: object
+    config: dict
+    dense: dict
+    student_params: int
+    student_shapes: dict
+    work: Path
+    rates: dict[str, Throughput | None]
+
+    @property
+    def dev(self) -> str:
+        return self.host.accelerator
+
+    @property
+    def cb(self) -> int:  # the compute dtype's bytes: bf16 on a GPU, fp32 on the CPU
+        return 2 if self.dev == "cuda" else 4
+
+    @property
+    def sb(self) -> int:  # as stored
+        return self.t.dtype_bytes
+
+    @property
+    def student_bytes(self) -> int:
+        return self.student_params * self.t.dtype_bytes
+
+    @property
+    def student_layers(self) -> dict[int, int]:
+        return _by_layer(self.student_shapes)
+
+    @property
+    def student_compute(self) -> int:
+        """The student's parameters multiplied per token (the embedding is a lookup, a tied head a matmul)."""
+        untied_head = "lm_head.weight" in self.student_shapes
+        return self.student_params - self.t.embed_params + (0 if untied_head else self.t.head_params)
+
+    @property
+    def student_work(self) -> Path:  # convert's own work directory (build converts into OUT.work/student)
+        return self.work / "student.work"
+
+    def compute_time(self, param_tokens: float, device: str) -> float | None:
+        r = self.rates.get(device)
+        return param_tokens / r.param_tokens_per_s if r else None
+
+    def whole_fits(self, weights: int, allowance: int, device: str) -> bool:
+        """Whole model or layer by layer: edgeconv.forward's own rule (calibration, the cache pass, parity)."""
+        from edgeconv.forward.layer_by_layer import SAFETY
+
+        return weights + allowance <= SAFETY * self.host.available(device)
+
+
+def _disk_time(nbytes: float) -> float:
+    return nbytes / DISK_BYTES_PER_S
+
+
+def _measure_rates(dense: dict, dev: str, measure_throughput: bool) -> tuple[dict[str, Throughput | None], str]:
+    rates: dict[str, Throughput | None] = {"cpu": None, "cuda": None}
+    if not measure_throughput:
+        return rates, "not measured (--no-measure): no time estimates"
+    try:
+        rates["cpu"] = measure(dense, "cpu")
+        if dev == "cuda":
+            rates["cuda"] = measure(dense, "cuda")
+        return rates, "; ".join(r.line() for r in rates.values() if r)
+    except Exception as exc:  # an estimate: a config transformers cannot build one layer of gets none
+        why = str(exc).splitlines()[0][:120] if str(exc) else ""
+        return {"cpu": None, "cuda": None}, f"not measured ({type(exc).__name__}: {why})"
+
+
+def _calibrate_stage(b: _Build, calibration_tokens: int) -> HostStage:
+    """Layer by layer: one layer in the compute dtype (on a GPU also the next, read ahead as stored)."""
+    t, cb, family = b.t, b.cb, b.family
+    acts = calibration_tokens * t.hidden * cb
+    spilled = acts > MAX_ACTIVATION_BYTES
+    bt = CALIBRATION_BATCH * CALIBRATION_SEQ_LEN
+    heads = int(b.config.get("num_attention_heads") or 1)
+    working = cb * bt * (8 * t.hidden + 3 * family.top_k * family.expert_width + family.num_experts) + \
+        2 * cb * CALIBRATION_BATCH * heads * CALIBRATION_SEQ_LEN**2  # eager attention: scores and softmax
+    gram = GRAM_TOKENS * family.num_experts * t.expert_params  # every expert on the shared sample
+    ahead = b.dev != "cpu"  # calibrate reads the next layer ahead on a GPU only (edgeconv.stages.calibrate)
+    layers = t.largest_layer * (cb + (b.sb if ahead else 0))
+    return HostStage(
+        "calibrate", b.dev, PROCESS_BYTES + t.embed_params * cb + layers + (0 if spilled else acts) + working,
+        f"layer by layer in {_dtype(cb)}: embeddings {gb(t.embed_params * cb)} + the largest layer"
+        f"{' and the next one (read ahead)' if ahead else ''} {gb(layers)} + activations {gb(acts)}"
+        f"{' on disk (over 4 GiB)' if spilled else ''} + batch {gb(working)}",
+        _slowest(b.compute_time(calibration_tokens * (t.compute_params - t.head_params) + gram, b.dev),
+                 _disk_time(t.bytes)),
+        [Item("activation spill", acts if spilled else 0, b.student_work, until="calibrate")])
+
+
+def _assemble_stage(b: _Build) -> HostStage:
+    """Streamed on the CPU, about one layer."""
+    s_layer = max(b.student_layers.values(), default=0)
+    return HostStage(
+        "assemble", "cpu", PROCESS_BYTES + 2 * s_layer * 4 + b.t.embed_params * b.sb,
+        "one student layer in fp32 (twice, merging) + the largest tensor", _disk_time(2 * b.student_bytes),
+        [Item("assembled student", b.student_bytes, b.student_work)])
+
+
+def _distill_stages(b: _Build, cfg) -> tuple[list[HostStage], dict]:
+    """Online: one stage with the whole teacher. Offline: the cache pass, then the student alone."""
+    t, cb = b.t, b.cb
+    tokens = cfg.trained_tokens
+    n = (cfg.batch_size // cfg.grad_accum) * cfg.seq_len  # tokens per micro-batch in one process
+    s_layers_n = len(b.student_layers) or b.family.num_layers
+    s_width = int(b.dense["intermediate_size"])
+    hq, hkv = _attention_widths(b.dense)
+    layer_acts = n * s_layers_n * (6 * t.hidden + 6 * hq + 4 * hkv + 4 * s_width) * cb
+    logits = n * t.vocab * 4  # one fp32 [micro-batch, vocabulary] tensor
+    if cfg.lora_rank:  # the student frozen in fp32; the adapters (every linear: r x (in + out)) train
+        trained = cfg.lora_rank * s_layers_n * (7 * t.hidden + 2 * hq + 2 * hkv + 3 * s_width)
+        states = 4 * b.student_params + ADAMW_BYTES_PER_PARAM * trained
+        student_how = (f"the student frozen in fp32 {gb(4 * b.student_params)} + rank-{cfg.lora_rank} LoRA adapters "
+                       f"with grads and AdamW {gb(ADAMW_BYTES_PER_PARAM * trained)}")
+        passes_per_token = 2  # forward, and the backward's input gradients (no weight gradients)
+    else:
+        trained = b.student_params
+        states = ADAMW_BYTES_PER_PARAM * b.student_params
+        student_how = f"student + grads + AdamW {gb(states)} (16 B x {count(b.student_params)} params)"
+        passes_per_token = 3
+    saves = max(0, math.ceil(cfg.steps / cfg.checkpoint_every) - 1)
+    ckpts = min(saves, cfg.keep_checkpoints + 1) * CHECKPOINT_BYTES_PER_PARAM * trained
+    distill = {"mode": cfg.mode, "tokens": tokens, "top_k": cfg.top_k, "tokens_per_step": cfg.tokens_per_step,
+               "lora_rank": cfg.lora_rank}
+    train_writes = [Item("checkpoints", ckpts, b.student_work, until="distill"),
+                    Item("distilled student", b.student_bytes, b.work)]
+    teacher_mem = t.params * cb
+    if cfg.mode != "offline":
+        train_acts = layer_acts + LOGITS_COPIES["online"] * logits
+        return [HostStage(
+            "distill", b.dev, PROCESS_BYTES + teacher_mem + states + train_acts,
+            f"the whole teacher {gb(teacher_mem)} ({_dtype(cb)}) + {student_how} + activations {gb(train_acts)}",
+            b.compute_time(tokens * (passes_per_token * b.student_compute + t.compute_params), b.dev),
+            train_writes, note="online")], distill
+
+    per_token = cache_bytes_per_token(cfg.top_k, t.vocab)
+    distill["bytes_per_token"] = per_token
+    train_acts = layer_acts + LOGITS_COPIES["offline"] * logits
+    return [_cache_stage(b, tokens, n, logits, per_token), HostStage(
+        "distill", b.dev, PROCESS_BYTES + states + train_acts, f"{student_how} + activations {gb(train_acts)}",
+        b.compute_time(tokens * passes_per_token * b.student_compute, b.dev), train_writes,
+        note="offline: the student alone")], distill
+
+
+def _cache_stage(b: _Build, tokens: int, n: int, logits: int, per_token: int) -> HostStage:
+    """The offline cache pass: the whole teacher when it fits, else layer by layer (edgeconv.forward's rule)."""
+    from edgeconv.forward.layer_by_layer import ALLOWANCE, LOGITS_BYTES, ForwardOptions
+
+    t, cb = b.t, b.cb
+    teacher_mem = t.params * cb
+    compute = b.compute_time(tokens * t.compute_params, b.dev)
+    if b.whole_fits(teacher_mem, ALLOWANCE + 3 * logits, b.dev):
+        memory = PROCESS_BYTES + teacher_mem + 3 * logits + 4 * n * t.hidden * cb
+        how = f"the whole teacher {gb(teacher_mem)} ({_dtype(cb)}) + a micro-batch's logits {gb(3 * logits)}"
+        seconds = _slowest(compute, _disk_time(t.bytes))
+    else:
+        hidden = tokens * t.hidden * cb
+        chunk = min(ForwardOptions.max_activation_bytes, hidden)
+        passes = math.ceil(hidden / chunk)
+        head_mem = (1 if t.tied else 2) * t.head_params * cb
+        memory = PROCESS_BYTES + head_mem + t.largest_layer * (cb + b.sb) + chunk + 2 * LOGITS_BYTES
+        how = (f"layer by layer in {_dtype(cb)}, {passes} pass{'es' if passes > 1 else ''}: embeddings + head "
+               f"{gb(head_mem)} + the largest layer and the next {gb(t.largest_layer * (cb + b.sb))} + "
+               f"activations {gb(chunk)}")
+        seconds = _slowest(compute, _disk_time(passes * t.bytes))
+    return HostStage("cache", b.dev, memory, how, seconds,
+                     [Item("teacher cache", per_token * tokens, b.student_work / "distill", until="distill")])
+
+
+def _export_stage(b: _Build, path: Path, fmt: str, quant: str, quant_bytes: int) -> HostStage:
+    """The float GGUF and the quantized one (CPU), parity against the torch student in fp32."""
+    from edgeconv.forward.layer_by_layer import ALLOWANCE, ONE_PASS_ABOVE
+
+    float_type = "BF16" if b.t.dtype == "bfloat16" else "F32"
+    float_bytes = (weight_bytes(b.student_shapes, "gguf", float_type, config=b.dense, tokenizer=path)
+                   if fmt == "gguf" else 0)
+    whole = b.student_params * 4
+    if whole <= ONE_PASS_ABOVE and b.whole_fits(whole, ALLOWANCE, b.dev):
+        memory, how = PROCESS_BYTES + whole, f"parity reference: the student whole in fp32 {gb(whole)}"
+    else:
+        s_layer = max(b.student_layers.values(), default=0)
+        memory = PROCESS_BYTES + s_layer * (4 + b.sb) + 2 * b.t.head_params * 4
+        how = f"parity reference layer by layer (the student whole in fp32 would be {gb(whole)})"
+    return HostStage(
+        "export", b.dev, memory, how,
+        _disk_time(b.student_bytes + 2 * float_bytes + quant_bytes + b.student_bytes),
+        [Item(f"{float_type} GGUF", float_bytes, b.work / "export", until="export"),
+         Item(f"{quant} {fmt}", quant_bytes, b.work / "export")])
+
+
 def plan_host(*, config: dict, family, path: Path, dense: dict, student_params: int, student_shapes: dict,
               fmt: str, quant: str, quant_bytes: int, target_bytes: int, out: Path, work: Path,
               calibration_tokens: int, distill_config, eval_bytes: int, bench: bool, measure_throughput: bool = True,
@@ -467,169 +661,32 @@ def plan_host(*, config: dict, family, path: Path, dense: dict, student_params: 
     host = host or Host.detect()
     args = {k: v for k, v in locals().items() if k != "args"}  # to re-plan with fewer tokens
     t = teacher_shape(config, family, path)
-    config_only = t.file_bytes is None
-    H, V = t.hidden, t.vocab
-    L = family.num_layers
-    dev = host.accelerator
-    cb = 2 if dev == "cuda" else 4  # the compute dtype there: bf16 on a GPU, fp32 on the CPU
-    sb = t.dtype_bytes  # as stored
-    student_bytes = student_params * t.dtype_bytes
-    s_layers = _by_layer(student_shapes)
-    s_layer = max(s_layers.values(), default=0)
-    s_width = int(dense["intermediate_size"])
-    s_compute = student_params - t.embed_params + (t.head_params if "lm_head.weight" not in student_shapes else 0)
-    s_layers_n = len(s_layers) or L
+    rates, measure_note = _measure_rates(dense, host.accelerator, measure_throughput)
+    b = _Build(host, t, family, config, dense, student_params, student_shapes, work, rates)
 
-    rates: dict[str, Throughput | None] = {"cpu": None, "cuda": None}
-    if measure_throughput:
-        try:
-            rates["cpu"] = measure(dense, "cpu")
-            if dev == "cuda":
-                rates["cuda"] = measure(dense, "cuda")
-            measure_note = "; ".join(r.line() for r in rates.values() if r)
-        except Exception as exc:  # an estimate: a config transformers cannot build one layer of gets none
-            measure_note = f"not measured ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
-            rates = {"cpu": None, "cuda": None}
-    else:
-        measure_note = "not measured (--no-measure): no time estimates"
-
-    def compute_time(param_tokens: float, device: str) -> float | None:
-        r = rates.get(device)
-        return param_tokens / r.param_tokens_per_s if r else None
-
-    def disk_time(nbytes: float) -> float:
-        return nbytes / DISK_BYTES_PER_S
-
-    stages: list[HostStage] = []
-    problems: list[EdgeconvError] = []
-    student_work = work / "student.work"  # convert's own work directory (build converts into OUT.work/student)
-    base = PROCESS_BYTES  # python, torch, transformers, the tokenizer: the build is one process
-    # Calibration, the cache pass and the parity reference pick whole model or layer by layer with this rule.
-    from edgeconv.forward.layer_by_layer import ALLOWANCE, LOGITS_BYTES, ONE_PASS_ABOVE, SAFETY, ForwardOptions
-
-    def whole_fits(weights: int, allowance: int, device: str) -> bool:
-        return weights + allowance <= SAFETY * host.available(device)
-
-    # calibrate: layer by layer (one layer in the compute dtype, the next one read ahead as stored)
-    acts = calibration_tokens * H * cb
-    spilled = acts > MAX_ACTIVATION_BYTES
-    bt = CALIBRATION_BATCH * CALIBRATION_SEQ_LEN
-    heads = int(config.get("num_attention_heads") or 1)
-    working = cb * bt * (8 * H + 3 * family.top_k * family.expert_width + family.num_experts) + \
-        2 * cb * CALIBRATION_BATCH * heads * CALIBRATION_SEQ_LEN**2  # eager attention: scores and softmax
-    gram = GRAM_TOKENS * family.num_experts * t.expert_params  # every expert on the shared sample
-    ahead = dev != "cpu"  # calibrate reads the next layer ahead on a GPU only (edgeconv.stages.calibrate)
-    layers = t.largest_layer * (cb + (sb if ahead else 0))
-    stages.append(HostStage(
-        "calibrate", dev, base + t.embed_params * cb + layers + (0 if spilled else acts) + working,
-        f"layer by layer in {_dtype(cb)}: embeddings {gb(t.embed_params * cb)} + the largest layer"
-        f"{' and the next one (read ahead)' if ahead else ''} {gb(layers)} + activations {gb(acts)}"
-        f"{' on disk (over 4 GiB)' if spilled else ''} + batch {gb(working)}",
-        _slowest(compute_time(calibration_tokens * (t.compute_params - t.head_params) + gram, dev),
-                 disk_time(t.bytes)),
-        [Item("activation spill", acts if spilled else 0, student_work, until="calibrate")]))
-
-    # assemble: streamed on the CPU, about one layer
-    stages.append(HostStage(
-        "assemble", "cpu", base + 2 * s_layer * 4 + t.embed_params * sb,
-        "one student layer in fp32 (twice, merging) + the largest tensor", disk_time(2 * student_bytes),
-        [Item("assembled student", student_bytes, student_work)]))
-
+    stages = [_calibrate_stage(b, calibration_tokens), _assemble_stage(b)]
     distill: dict = {}
     if distill_config is not None:
-        cfg = distill_config
-        tokens = cfg.trained_tokens
-        n = (cfg.batch_size // cfg.grad_accum) * cfg.seq_len  # tokens per micro-batch in one process
-        hq, hkv = _attention_widths(dense)
-        layer_acts = n * s_layers_n * (6 * H + 6 * hq + 4 * hkv + 4 * s_width) * cb
-        logits = n * V * 4  # one fp32 [micro-batch, vocabulary] tensor
-        if cfg.lora_rank:  # the student frozen in fp32; the adapters (every linear: r x (in + out)) train
-            trained = cfg.lora_rank * s_layers_n * (7 * H + 2 * hq + 2 * hkv + 3 * s_width)
-            states = 4 * student_params + ADAMW_BYTES_PER_PARAM * trained
-            student_how = (f"the student frozen in fp32 {gb(4 * student_params)} + rank-{cfg.lora_rank} LoRA adapters "
-                           f"with grads and AdamW {gb(ADAMW_BYTES_PER_PARAM * trained)}")
-            passes_per_token = 2  # forward, and the backward's input gradients (no weight gradients)
-        else:
-            trained = student_params
-            states = ADAMW_BYTES_PER_PARAM * student_params
-            student_how = f"student + grads + AdamW {gb(states)} (16 B x {count(student_params)} params)"
-            passes_per_token = 3
-        saves = max(0, math.ceil(cfg.steps / cfg.checkpoint_every) - 1)
-        ckpts = min(saves, cfg.keep_checkpoints + 1) * CHECKPOINT_BYTES_PER_PARAM * trained
-        distill = {"mode": cfg.mode, "tokens": tokens, "top_k": cfg.top_k, "tokens_per_step": cfg.tokens_per_step,
-                   "lora_rank": cfg.lora_rank}
-        train_writes = [Item("checkpoints", ckpts, student_work, until="distill"),
-                        Item("distilled student", student_bytes, work)]
-        if cfg.mode == "offline":
-            per_token = cache_bytes_per_token(cfg.top_k, V)
-            distill["bytes_per_token"] = per_token
-            teacher_mem = t.params * cb
-            compute = compute_time(tokens * t.compute_params, dev)
-            if whole_fits(teacher_mem, ALLOWANCE + 3 * logits, dev):
-                memory = base + teacher_mem + 3 * logits + 4 * n * H * cb
-                how = f"the whole teacher {gb(teacher_mem)} ({_dtype(cb)}) + a micro-batch's logits {gb(3 * logits)}"
-                seconds = _slowest(compute, disk_time(t.bytes))
-            else:
-                hidden = tokens * H * cb
-                chunk = min(ForwardOptions.max_activation_bytes, hidden)
-                passes = math.ceil(hidden / chunk)
-                head_mem = (1 if t.tied else 2) * t.head_params * cb
-                memory = base + head_mem + t.largest_layer * (cb + sb) + chunk + 2 * LOGITS_BYTES
-                how = (f"layer by layer in {_dtype(cb)}, {passes} pass{'es' if passes > 1 else ''}: embeddings + head "
-                       f"{gb(head_mem)} + the largest layer and the next {gb(t.largest_layer * (cb + sb))} + "
-                       f"activations {gb(chunk)}")
-                seconds = _slowest(compute, disk_time(passes * t.bytes))
-            stages.append(HostStage("cache", dev, memory, how, seconds,
-                                    [Item("teacher cache", per_token * tokens, student_work / "distill",
-                                          until="distill")]))
-            train_acts = layer_acts + LOGITS_COPIES["offline"] * logits
-            stages.append(HostStage(
-                "distill", dev, base + states + train_acts, f"{student_how} + activations {gb(train_acts)}",
-                compute_time(tokens * passes_per_token * s_compute, dev), train_writes,
-                note="offline: the student alone"))
-        else:
-            teacher_mem = t.params * cb
-            train_acts = layer_acts + LOGITS_COPIES["online"] * logits
-            stages.append(HostStage(
-                "distill", dev, base + teacher_mem + states + train_acts,
-                f"the whole teacher {gb(teacher_mem)} ({_dtype(cb)}) + {student_how} + "
-                f"activations {gb(train_acts)}",
-                compute_time(tokens * (passes_per_token * s_compute + t.compute_params), dev),
-                train_writes, note="online"))
-
-    # export: the float GGUF and the quantized one (CPU), parity against the torch student in fp32
-    float_type = "BF16" if t.dtype == "bfloat16" else "F32"
-    float_bytes = weight_bytes(student_shapes, "gguf", float_type, config=dense, tokenizer=path) if fmt == "gguf" else 0
-    whole = student_params * 4
-    if whole <= ONE_PASS_ABOVE and whole_fits(whole, ALLOWANCE, dev):
-        memory, how = base + whole, f"parity reference: the student whole in fp32 {gb(whole)}"
-    else:
-        memory = base + s_layer * (4 + sb) + 2 * t.head_params * 4
-        how = f"parity reference layer by layer (the student whole in fp32 would be {gb(whole)})"
-    stages.append(HostStage(
-        "export", dev, memory, how, disk_time(student_bytes + 2 * float_bytes + quant_bytes + student_bytes),
-        [Item(f"{float_type} GGUF", float_bytes, work / "export", until="export"),
-         Item(f"{quant} {fmt}", quant_bytes, work / "export")]))
-    stages.append(HostStage("bundle", "cpu", base, "copies files", disk_time(2 * (quant_bytes + eval_bytes)),
+        more, distill = _distill_stages(b, distill_config)
+        stages += more
+    stages.append(_export_stage(b, path, fmt, quant, quant_bytes))
+    stages.append(HostStage("bundle", "cpu", PROCESS_BYTES, "copies files", _disk_time(2 * (quant_bytes + eval_bytes)),
                             [Item("bundle", quant_bytes + eval_bytes, out)]))
     if bench:
         stages.append(HostStage("bench", "cpu", target_bytes, "bench.py, its own process: the bundle at the "
                                 "target's context (the target estimate)",
-                                compute_time(BENCH_TOKENS * s_compute, "cpu")))
+                                b.compute_time(BENCH_TOKENS * b.student_compute, "cpu")))
 
-    # memory problems, stage by stage
-    for s in stages:
-        limit = host.memory_of(s.device)
-        if s.memory > limit:
-            problems.append(_memory_problem(s, limit, host, student_params, distill))
-
+    problems = [_memory_problem(s, host.memory_of(s.device), host, student_params, distill)
+                for s in stages if s.memory > host.memory_of(s.device)]
     disks = _disk_needs(stages, out, work)
     for disk in disks:
         if not disk.fits:
             if disk.items and disk.items[0].name == "teacher cache":
                 distill["fit_tokens"] = _tokens_that_fit(args)
             problems.append(_disk_problem(disk, distill))
-    return HostPlan(host, t, student_params, stages, disks, rates, measure_note, config_only, problems, distill)
+    return HostPlan(host, t, student_params, stages, disks, rates, measure_note, t.file_bytes is None, problems,
+                    distill)
 
 
 def _memory_problem(s: HostStage, limit: int, host: Host, student_params: int, distill: dict) -> EdgeconvError:

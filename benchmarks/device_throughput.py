@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from measure import edgeconv_command, machine, measured  # noqa: E402
+from measure import edgeconv_command, machine, run_measured  # noqa: E402
 from real_shape import DISTILL_DATA, edgeconv_commit  # noqa: E402
 
 GB = 1e9
@@ -67,11 +67,10 @@ def checkpoint(layers: int, tiny: bool, work: Path) -> Path:
 
 
 def run_step(cmd: list, log: Path) -> dict:
+    """One measured process (measure.run_measured: exits with its output if it fails)."""
     cmd = [str(c) for c in cmd]
     print(f"\n$ {' '.join(cmd)}", flush=True)
-    m = measured(cmd, log)
-    if m["returncode"] != 0:
-        raise SystemExit(f"failed ({m['returncode']}): {' '.join(cmd)}\n{m['output']}")
+    m = run_measured(cmd, log)
     print(f"  {m['wall_s']:.1f} s, peak RSS {m['peak_rss_bytes'] / GB:.2f} GB", flush=True)
     return {"wall_s": round(m["wall_s"], 2), "peak_rss_bytes": m["peak_rss_bytes"]}
 
